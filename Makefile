@@ -1,0 +1,31 @@
+# `make run` and `make test` work from a fresh clone: the first use creates .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench bench-full clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m ems.run
+
+lint: $(STAMP)
+	$(PY) -m ruff check ems tests benchmarks
+	$(PY) -m ruff format --check ems tests benchmarks
+
+test: lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/codec.py
+
+bench-full: bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache tests/artifacts
