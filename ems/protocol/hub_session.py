@@ -330,6 +330,11 @@ class HubSession:
 
     # --- outputs ---------------------------------------------------------------------------------
 
+    @property
+    def wants_write(self) -> bool:
+        """Whether `data_to_send()` has anything (lets the driver skip waking its writer)."""
+        return bool(self._outgoing) or (self._ack_owed and self.state is LinkState.OPEN)
+
     def next_event(self) -> HubEvent | None:
         return self._events.popleft() if self._events else None
 

@@ -1,0 +1,577 @@
+"""The REST API of protocol.md §3 (device-control routes arrive in step 4).
+
+Every body is validated before use and every error is `{"error":{"code","message"}}`. Bodies are
+read (or refused by size) before any early answer, so a kept-alive connection never stalls on
+an unread body. Handlers fetch the `Hub` from the app once and call it; they hold no state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+import orjson
+import trio
+from quart import Blueprint, Response, current_app, request
+
+from ems.hub import auth
+from ems.hub.alerts import RuleError, parse_rules
+from ems.hub.dashboard_link import SESSION_COOKIE
+from ems.hub.hub import Hub
+from ems.hub.metrics import render_metrics
+from ems.hub.store import Conflict, SessionRecord, StoreError, UserRecord
+from ems.logs import get_logger
+from ems.protocol.codec import DEVICE_ID
+
+log = get_logger("ems.hub.api")
+api = Blueprint("api", __name__)
+
+ROLES = ("admin", "operator", "viewer")
+ROLE_RANK = {"viewer": 0, "operator": 1, "admin": 2}
+USERNAME_MAX = 64
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def error_response(status: int, code: str, message: str) -> Response:
+    return json_response({"error": {"code": code, "message": message}}, status)
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    response = Response(orjson.dumps(body), status=status, content_type="application/json")
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+@api.errorhandler(ApiError)
+async def _api_error(exc: ApiError) -> Response:
+    return error_response(exc.status, exc.code, exc.message)
+
+
+@api.errorhandler(StoreError)
+async def _store_error(exc: StoreError) -> Response:
+    log.warning("store_unavailable", error=str(exc))
+    return error_response(503, "INTERNAL_ERROR", "the store is unavailable; try again")
+
+
+def hub() -> Hub:
+    return current_app.config["EMS_HUB"]  # type: ignore[no-any-return]
+
+
+# --- request helpers ---------------------------------------------------------------------------
+
+
+async def json_body(*, required: bool = True) -> Any:
+    """The request's JSON body, read whole (bounded by EMS_MAX_BODY_BYTES)."""
+    limit = hub().settings.max_body_bytes
+    length = request.content_length
+    if length is not None and length > limit:
+        await _discard_body()
+        raise ApiError(413, "MESSAGE_TOO_LARGE", f"body larger than {limit} bytes")
+    raw = await request.get_data(as_text=False)
+    if len(raw) > limit:
+        raise ApiError(413, "MESSAGE_TOO_LARGE", f"body larger than {limit} bytes")
+    if not raw:
+        if required:
+            raise ApiError(400, "INVALID_MESSAGE_FORMAT", "a JSON body is required")
+        return None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(
+            400, "INVALID_MESSAGE_FORMAT", f"body is not valid JSON: {exc.msg}"
+        ) from None
+
+
+async def json_object(*, required: bool = True) -> dict[str, Any]:
+    body = await json_body(required=required)
+    if body is None:
+        return {}
+    if not isinstance(body, dict):
+        raise ApiError(400, "INVALID_MESSAGE_FORMAT", "body must be a JSON object")
+    return body
+
+
+async def _discard_body() -> None:
+    try:
+        async for _ in request.body:
+            pass
+    except Exception:
+        pass
+
+
+def field(
+    body: dict[str, Any], name: str, kind: type | tuple[type, ...], *, required: bool = True
+) -> Any:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise ApiError(422, "INVALID_MESSAGE_FORMAT", f"{name}: required field missing")
+        return None
+    if (
+        isinstance(value, bool)
+        and kind is not bool
+        and bool not in (kind if isinstance(kind, tuple) else (kind,))
+    ):
+        raise ApiError(422, "INVALID_MESSAGE_FORMAT", f"{name}: wrong type")
+    if not isinstance(value, kind):
+        raise ApiError(422, "INVALID_MESSAGE_FORMAT", f"{name}: wrong type")
+    return value
+
+
+def _request_token() -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.cookies.get(SESSION_COOKIE) or None
+
+
+async def current_user() -> UserRecord:
+    token = _request_token()
+    user = await hub().user_for_token(token) if token else None
+    if user is None:
+        raise ApiError(401, "AUTHENTICATION_FAILED", "log in first")
+    return user
+
+
+def requires(role: str) -> Callable[[F], F]:
+    """Route decorator: the caller must be logged in with at least `role`."""
+
+    def decorate(handler: F) -> F:
+        @wraps(handler)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            user = await current_user()
+            if ROLE_RANK.get(user.role, -1) < ROLE_RANK[role]:
+                if request.method in ("POST", "PUT", "PATCH"):
+                    await _discard_body()
+                raise ApiError(403, "FORBIDDEN", f"needs the {role} role")
+            return await handler(user, *args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def visible_device(user: UserRecord, device_id: str) -> None:
+    """404 (not 403) for devices the user may not see: existence is not disclosed."""
+    if not hub().can_see(user.username, user.role == "admin", device_id):
+        raise ApiError(404, "DEVICE_NOT_FOUND", f"no device {device_id!r}")
+
+
+def _number_arg(name: str) -> float | None:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ApiError(400, "INVALID_MESSAGE_FORMAT", f"{name}: expected a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ApiError(400, "INVALID_MESSAGE_FORMAT", f"{name}: expected a finite number")
+    return value
+
+
+def _client_address() -> str:
+    return request.remote_addr or "unknown"
+
+
+# --- health and metrics ------------------------------------------------------------------------
+
+
+@api.get("/health")
+async def health() -> Response:
+    h = hub()
+    store = "ok"
+    try:
+        with trio.fail_after(5):
+            await h.store.ping()
+    except (StoreError, trio.TooSlowError):
+        store = "down"
+    if not h.store_ok:
+        store = "down"
+    body = {
+        "status": "ok" if store == "ok" else "degraded",
+        "uptime_s": round(trio.current_time() - h.started_at, 3),
+        "connected_devices": sum(1 for c in h.connections.values() if c.welcomed),
+        "connected_dashboards": len(h.fanout.subscribers),
+        "store": store,
+    }
+    return json_response(body, 200 if store == "ok" else 503)
+
+
+@api.get("/metrics")
+async def metrics() -> Response:
+    address = request.remote_addr or ""
+    if address not in ("127.0.0.1", "::1", "localhost") and not address.startswith("127."):
+        user = await current_user()
+        if user.role != "admin":
+            raise ApiError(403, "FORBIDDEN", "metrics are for admins")
+    return Response(render_metrics(hub()), content_type="text/plain; version=0.0.4")
+
+
+# --- auth and users ------------------------------------------------------------------------------
+
+
+@api.post("/api/auth/login")
+async def login() -> Response:
+    h = hub()
+    body = await json_object()
+    username = field(body, "username", str)
+    password = field(body, "password", str)
+    now = trio.current_time()
+    address = _client_address()
+    if h.login_limiter.blocked(username, address, now):
+        raise ApiError(429, "RATE_LIMIT_EXCEEDED", "too many failed logins; wait a minute")
+    user = await h.store.get_user(username)
+    stored = user.password_hash if user else auth.DUMMY_PASSWORD_HASH
+    ok = await trio.to_thread.run_sync(auth.verify_password, password, stored)
+    if user is None or not ok:
+        h.login_limiter.failed(username, address, now)
+        log.info("login_failed", username=username[:USERNAME_MAX], address=address)
+        raise ApiError(401, "AUTHENTICATION_FAILED", "wrong username or password")
+    token = auth.new_user_token()
+    expires_at = h.now_ms() + h.settings.session_ttl_s * 1000
+    await h.store.create_session(
+        SessionRecord(
+            token_hash=auth.token_hash(token), username=user.username, expires_at=expires_at
+        )
+    )
+    log.info("login", username=user.username)
+    response = json_response(
+        {"token": token, "expires_at": expires_at, "username": user.username, "role": user.role}
+    )
+    response.set_cookie(
+        SESSION_COOKIE,
+        token,
+        max_age=int(h.settings.session_ttl_s),
+        httponly=True,
+        samesite="Strict",
+        secure=request.scheme == "https",
+        path="/",
+    )
+    return response
+
+
+@api.post("/api/auth/logout")
+async def logout() -> Response:
+    await _discard_body()
+    token = _request_token()
+    if token:
+        h = hub()
+        await h.store.delete_session(auth.token_hash(token))
+        h.forget_session(token)
+    response = Response(status=204)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+@api.get("/api/auth/me")
+@requires("viewer")
+async def me(user: UserRecord) -> Response:
+    return json_response({"username": user.username, "role": user.role})
+
+
+@api.post("/api/users")
+@requires("admin")
+async def create_user(_: UserRecord) -> Response:
+    body = await json_object()
+    username = field(body, "username", str)
+    password = field(body, "password", str)
+    role = field(body, "role", str, required=False) or "viewer"
+    if not DEVICE_ID.fullmatch(username):
+        raise ApiError(422, "INVALID_MESSAGE_FORMAT", "username: 1-64 of A-Z a-z 0-9 _ . -")
+    if role not in ROLES:
+        raise ApiError(422, "INVALID_MESSAGE_FORMAT", f"role: one of {', '.join(ROLES)}")
+    if len(password) < 8:
+        raise ApiError(422, "INVALID_MESSAGE_FORMAT", "password: at least 8 characters")
+    password_hash = await trio.to_thread.run_sync(auth.hash_password, password)
+    try:
+        await hub().store.create_user(
+            UserRecord(
+                username=username, password_hash=password_hash, role=role, created_at=hub().now_ms()
+            )
+        )
+    except Conflict:
+        raise ApiError(409, "CONFLICT", f"user {username!r} exists") from None
+    log.info("user_created", username=username, role=role)
+    return json_response({"username": username, "role": role}, 201)
+
+
+@api.get("/api/users")
+@requires("admin")
+async def list_users(_: UserRecord) -> Response:
+    users = await hub().store.list_users()
+    return json_response(
+        {
+            "users": [
+                {"username": u.username, "role": u.role, "created_at": u.created_at} for u in users
+            ]
+        }
+    )
+
+
+# --- devices -------------------------------------------------------------------------------------
+
+
+def _device_json(record: Any) -> dict[str, Any]:
+    h = hub()
+    info = h.devices.get(record.device_id)
+    return {
+        "device_id": record.device_id,
+        "name": record.name,
+        "owner": record.owner,
+        "metadata": record.metadata,
+        "created_at": record.created_at,
+        "online": h.is_online(record.device_id),
+        "last_seen": (info.last_seen if info else None) or record.last_seen,
+        "firmware": (info.firmware if info else None) or record.firmware,
+        "agent": record.agent,
+        "config": {"desired_version": None, "reported_version": None},
+    }
+
+
+@api.post("/api/devices")
+@requires("admin")
+async def create_device(_: UserRecord) -> Response:
+    body = await json_object()
+    device_id = field(body, "device_id", str)
+    if not DEVICE_ID.fullmatch(device_id):
+        raise ApiError(
+            422, "INVALID_MESSAGE_FORMAT", "device_id: must match ^[A-Za-z0-9_.-]{1,64}$"
+        )
+    name = field(body, "name", str, required=False)
+    owner = field(body, "owner", str, required=False)
+    metadata = field(body, "metadata", dict, required=False) or {}
+    h = hub()
+    if owner is not None and await h.store.get_user(owner) is None:
+        raise ApiError(422, "INVALID_MESSAGE_FORMAT", f"owner: no user {owner!r}")
+    try:
+        record, token = await h.create_device(device_id, name=name, owner=owner, metadata=metadata)
+    except Conflict:
+        raise ApiError(409, "CONFLICT", f"device {device_id!r} exists") from None
+    return json_response({**_device_json(record), "token": token}, 201)
+
+
+@api.get("/api/devices")
+@requires("viewer")
+async def list_devices(user: UserRecord) -> Response:
+    owner = None if user.role == "admin" else user.username
+    records = await hub().store.list_devices(owner)
+    return json_response({"devices": [_device_json(r) for r in records]})
+
+
+@api.get("/api/devices/<device_id>")
+@requires("viewer")
+async def get_device(user: UserRecord, device_id: str) -> Response:
+    visible_device(user, device_id)
+    record = await hub().store.get_device(device_id)
+    if record is None:
+        raise ApiError(404, "DEVICE_NOT_FOUND", f"no device {device_id!r}")
+    return json_response(_device_json(record))
+
+
+@api.delete("/api/devices/<device_id>")
+@requires("admin")
+async def delete_device(_: UserRecord, device_id: str) -> Response:
+    if not await hub().delete_device(device_id):
+        raise ApiError(404, "DEVICE_NOT_FOUND", f"no device {device_id!r}")
+    return Response(status=204)
+
+
+@api.post("/api/devices/<device_id>/token")
+@requires("admin")
+async def rotate_token(_: UserRecord, device_id: str) -> Response:
+    await _discard_body()
+    token = await hub().rotate_token(device_id)
+    if token is None:
+        raise ApiError(404, "DEVICE_NOT_FOUND", f"no device {device_id!r}")
+    return json_response({"device_id": device_id, "token": token})
+
+
+@api.get("/api/devices/<device_id>/telemetry")
+@requires("viewer")
+async def telemetry(user: UserRecord, device_id: str) -> Response:
+    visible_device(user, device_id)
+    since = _number_arg("since")
+    until = _number_arg("until")
+    limit_raw = _number_arg("limit")
+    limit = 1000 if limit_raw is None else int(limit_raw)
+    if limit < 1:
+        raise ApiError(400, "INVALID_MESSAGE_FORMAT", "limit: at least 1")
+    limit = min(limit, 10_000)
+    rows = await hub().store.samples(device_id, since=since, until=until, limit=limit)
+    return json_response({"samples": [{"seq": r.seq, "ts": r.ts, "data": r.data} for r in rows]})
+
+
+@api.get("/api/devices/<device_id>/latest")
+@requires("viewer")
+async def latest(user: UserRecord, device_id: str) -> Response:
+    visible_device(user, device_id)
+    row = await hub().store.latest(device_id)
+    if row is None:
+        raise ApiError(404, "NOT_FOUND", "nothing stored yet")
+    return json_response({"device_id": device_id, "seq": row.seq, "ts": row.ts, "data": row.data})
+
+
+# --- alerts -------------------------------------------------------------------------------------
+
+
+@api.get("/api/alerts")
+@requires("viewer")
+async def alerts(user: UserRecord) -> Response:
+    h = hub()
+    device_id = request.args.get("device_id")
+    since = _number_arg("since")
+    if device_id:
+        visible_device(user, device_id)
+        device_ids: list[str] | None = [device_id]
+    elif user.role == "admin":
+        device_ids = None
+    else:
+        device_ids = [d for d, info in h.devices.items() if info.owner == user.username]
+    rows = await h.store.alerts(device_ids=device_ids, since=since, limit=1000)
+    return json_response({"alerts": rows})
+
+
+@api.get("/api/alert-rules")
+@requires("viewer")
+async def get_rules(_: UserRecord) -> Response:
+    return json_response({"rules": [r.to_json() for r in hub().alerts.rules]})
+
+
+@api.put("/api/alert-rules")
+@requires("admin")
+async def put_rules(_: UserRecord) -> Response:
+    body = await json_body()
+    try:
+        rules = parse_rules(body)
+    except RuleError as exc:
+        raise ApiError(422, "INVALID_MESSAGE_FORMAT", str(exc)) from None
+    h = hub()
+    await h.store.put_alert_rules([r.to_json() for r in rules])
+    h.alerts.set_rules(rules)
+    log.info("alert_rules_updated", count=len(rules))
+    return json_response({"rules": [r.to_json() for r in rules]})
+
+
+# --- realtime -----------------------------------------------------------------------------------
+
+
+def _connected_devices() -> list[dict[str, Any]]:
+    h = hub()
+    return [
+        {
+            "device_id": c.device_id,
+            "session_id": c.session_id,
+            "connected_at": c.connected_at,
+            "last_seen": h.devices[c.device_id].last_seen if c.device_id in h.devices else None,
+            "owner": c.owner,
+            "status": c.status,
+        }
+        for c in h.connections.values()
+        if c.welcomed
+    ]
+
+
+def _connected_users() -> list[dict[str, Any]]:
+    return [
+        {
+            "username": s.username,
+            "connected_at": s.connected_at,
+            "subscriptions": sorted(s.devices) + (["*"] if s.wildcard else []),
+            "queued": len(s.queue),
+            "dropped": s.queue.dropped_total,
+        }
+        for s in hub().fanout.subscribers
+    ]
+
+
+@api.get("/api/realtime/connections")
+@requires("admin")
+async def realtime_connections(_: UserRecord) -> Response:
+    devices = _connected_devices()
+    users = _connected_users()
+    return json_response(
+        {"devices": devices, "users": users, "total_connections": len(devices) + len(users)}
+    )
+
+
+@api.get("/api/realtime/devices")
+@requires("admin")
+async def realtime_devices(_: UserRecord) -> Response:
+    return json_response({"devices": _connected_devices()})
+
+
+@api.get("/api/realtime/users")
+@requires("admin")
+async def realtime_users(_: UserRecord) -> Response:
+    return json_response({"users": _connected_users()})
+
+
+@api.get("/api/realtime/status")
+@requires("admin")
+async def realtime_status(_: UserRecord) -> Response:
+    h = hub()
+    c = h.counters
+    return json_response(
+        {
+            "connected_devices": sum(1 for conn in h.connections.values() if conn.welcomed),
+            "connected_dashboards": len(h.fanout.subscribers),
+            "uptime_s": round(trio.current_time() - h.started_at, 3),
+            "frames_in": c.frames_in,
+            "frames_out": c.frames_out,
+            "samples_in": c.samples_in,
+            "samples_rejected": c.samples_rejected,
+            "ingest_queued": h.ingest.queued(),
+            "store": "ok" if h.store_ok else "down",
+            "server_time": h.now_ms(),
+        }
+    )
+
+
+def _event_body(body: dict[str, Any]) -> tuple[str, Any]:
+    event = field(body, "event", str)
+    if not event or len(event) > 64:
+        raise ApiError(422, "INVALID_MESSAGE_FORMAT", "event: 1 to 64 characters")
+    return event, body.get("data")
+
+
+@api.post("/api/realtime/broadcast")
+@requires("admin")
+async def broadcast(_: UserRecord) -> Response:
+    event, data = _event_body(await json_object())
+    h = hub()
+    payload = orjson.dumps({"type": "notification", "event": event, "data": data})
+    from ems.hub.fanout import OTHER
+
+    h.fanout.publish_to(list(h.fanout.subscribers), OTHER, payload)
+    return json_response({"delivered": len(h.fanout.subscribers)}, 202)
+
+
+@api.post("/api/realtime/user/<username>")
+@requires("admin")
+async def notify_user(_: UserRecord, username: str) -> Response:
+    event, data = _event_body(await json_object())
+    h = hub()
+    targets = [s for s in h.fanout.subscribers if s.username == username]
+    payload = orjson.dumps({"type": "notification", "event": event, "data": data})
+    from ems.hub.fanout import OTHER
+
+    h.fanout.publish_to(targets, OTHER, payload)
+    return json_response({"delivered": len(targets)}, 202)
+
+
+def now_ms() -> float:
+    return time.time() * 1000.0

@@ -1,0 +1,164 @@
+"""Dashboard fan-out: the subscription index and each dashboard's bounded send queue.
+
+Hot path: a sample is encoded once (`encode_update`) and the same bytes are appended to every
+subscriber's queue. Each dashboard's writer wakes, waits one flush tick so updates gather, and
+sends them as one `batch` frame. A queue over its bound drops its oldest `telemetry_update`s
+first (alerts, statuses and command updates stay) and the next frame starts with `lagged`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+import orjson
+import trio
+
+TELEMETRY = 0
+OTHER = 1
+
+
+def encode_update(message: dict[str, Any]) -> bytes:
+    return orjson.dumps(message)
+
+
+@attrs.define(eq=False)
+class DashboardQueue:
+    """One dashboard's pending updates, pre-encoded, with the drop-oldest-telemetry policy."""
+
+    capacity: int
+    _items: deque[tuple[int, bytes]] = attrs.field(init=False, factory=deque)
+    _wakeup: trio.Event = attrs.field(init=False, factory=trio.Event)
+    dropped_pending: int = attrs.field(init=False, default=0)
+    dropped_total: int = attrs.field(init=False, default=0)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, kind: int, payload: bytes) -> None:
+        items = self._items
+        items.append((kind, payload))
+        if len(items) > self.capacity:
+            self._drop_one()
+        self._wakeup.set()
+
+    def _drop_one(self) -> None:
+        items = self._items
+        for index, (kind, _) in enumerate(items):
+            if kind == TELEMETRY:
+                del items[index]
+                break
+        else:
+            items.popleft()  # nothing but must-keep updates: the oldest of those goes
+        self.dropped_pending += 1
+        self.dropped_total += 1
+
+    async def wait(self) -> None:
+        """Until something is queued."""
+        while not self._items and not self.dropped_pending:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+
+    def take_frame(self, limit: int = 2_000) -> str | None:
+        """Up to `limit` queued updates as one frame (a `batch` unless there is just one)."""
+        parts: list[bytes] = []
+        if self.dropped_pending:
+            parts.append(b'{"type":"lagged","dropped":%d}' % self.dropped_pending)
+            self.dropped_pending = 0
+        items = self._items
+        while items and len(parts) < limit:
+            parts.append(items.popleft()[1])
+        if not parts:
+            return None
+        if len(parts) == 1:
+            return parts[0].decode()
+        return (b'{"type":"batch","messages":[' + b",".join(parts) + b"]}").decode()
+
+
+@attrs.define(eq=False)
+class Subscriber:
+    """What the index needs to know about one dashboard connection."""
+
+    username: str
+    is_admin: bool
+    queue: DashboardQueue
+    devices: set[str] = attrs.field(factory=set)
+    wildcard: bool = False
+    connected_at: float = 0.0
+
+
+@attrs.define(eq=False)
+class FanOut:
+    """Who gets what: device id -> subscribers, plus `*` subscribers by owner."""
+
+    _by_device: dict[str, set[Subscriber]] = attrs.field(factory=dict)
+    _wildcard_admins: set[Subscriber] = attrs.field(factory=set)
+    _wildcard_by_owner: dict[str, set[Subscriber]] = attrs.field(factory=dict)
+    subscribers: set[Subscriber] = attrs.field(factory=set)
+
+    def add(self, subscriber: Subscriber) -> None:
+        self.subscribers.add(subscriber)
+
+    def remove(self, subscriber: Subscriber) -> None:
+        self.subscribers.discard(subscriber)
+        self.unsubscribe(subscriber, list(subscriber.devices))
+        self._set_wildcard(subscriber, False)
+
+    def subscribe(self, subscriber: Subscriber, device_ids: Iterable[str]) -> None:
+        for device_id in device_ids:
+            if device_id == "*":
+                self._set_wildcard(subscriber, True)
+                continue
+            subscriber.devices.add(device_id)
+            self._by_device.setdefault(device_id, set()).add(subscriber)
+
+    def unsubscribe(self, subscriber: Subscriber, device_ids: Iterable[str]) -> None:
+        for device_id in device_ids:
+            if device_id == "*":
+                self._set_wildcard(subscriber, False)
+                continue
+            subscriber.devices.discard(device_id)
+            subs = self._by_device.get(device_id)
+            if subs is not None:
+                subs.discard(subscriber)
+                if not subs:
+                    del self._by_device[device_id]
+
+    def _set_wildcard(self, subscriber: Subscriber, on: bool) -> None:
+        subscriber.wildcard = on
+        if subscriber.is_admin:
+            target = self._wildcard_admins
+        else:
+            target = self._wildcard_by_owner.setdefault(subscriber.username, set())
+        if on:
+            target.add(subscriber)
+        else:
+            target.discard(subscriber)
+
+    def targets(self, device_id: str, owner: str | None) -> set[Subscriber] | None:
+        """Every subscriber of `device_id` (owned by `owner`), or None when nobody listens."""
+        direct = self._by_device.get(device_id)
+        admins = self._wildcard_admins
+        owners = self._wildcard_by_owner.get(owner) if owner is not None else None
+        if not admins and not owners:
+            return direct
+        found = set(admins)
+        if owners:
+            found |= owners
+        if direct:
+            found |= direct
+        return found
+
+    def publish(self, device_id: str, owner: str | None, kind: int, payload: bytes) -> int:
+        targets = self.targets(device_id, owner)
+        if not targets:
+            return 0
+        for subscriber in targets:
+            subscriber.queue.put(kind, payload)
+        return len(targets)
+
+    def publish_to(self, subscribers: Iterable[Subscriber], kind: int, payload: bytes) -> None:
+        for subscriber in subscribers:
+            subscriber.queue.put(kind, payload)

@@ -1,0 +1,381 @@
+"""The Hub: the one long-lived object of a hub process.
+
+It owns one nursery (started from the app's serving lifetime) holding the ingest writer and the
+liveness sweeper, and the shared state every connection uses: the device directory (id -> owner
+and token hash, cached from the store), the registry of live device connections, the dashboard
+fan-out index, the alert evaluator and the counters behind `/metrics`. Connections run in their
+own nurseries (hypercorn's) and reach the hub through this object only.
+"""
+
+from __future__ import annotations
+
+import gc
+import secrets
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import orjson
+import trio
+
+from ems.hub import auth
+from ems.hub.alerts import DEFAULT_RULES, AlertEvaluator, parse_rules
+from ems.hub.fanout import OTHER, FanOut
+from ems.hub.ingest import IngestWriter
+from ems.hub.store import AsyncStore, Conflict, DeviceRecord, UserRecord, open_store
+from ems.logs import get_logger
+from ems.protocol.codec import Codec, SampleRules
+from ems.protocol.errors import CloseCode
+
+if TYPE_CHECKING:
+    from ems.hub.device_link import DeviceConnection
+    from ems.hub.settings import HubSettings
+
+log = get_logger("ems.hub")
+
+SESSION_CACHE_S = 30.0
+"""How long a login token's user is remembered before the store is asked again."""
+
+
+@attrs.define(eq=False, kw_only=True)
+class DeviceInfo:
+    """What the hub keeps in memory about every device (the store has the rest)."""
+
+    device_id: str
+    owner: str | None
+    token_hash: str
+    last_seen: float | None = None
+    firmware: str | None = None
+    latest: tuple[int, float, dict[str, Any]] | None = None  # seq, ts, data
+
+
+@attrs.define(eq=False)
+class Counters:
+    """Plain integers on the hot path; `/metrics` reads them at scrape time."""
+
+    frames_in: int = 0
+    frames_out: int = 0
+    samples_in: int = 0
+    samples_rejected: int = 0
+    messages_rejected: int = 0
+    acks_sent: int = 0
+    dashboard_frames_out: int = 0
+    auth_failures: int = 0
+    connections_total: int = 0
+    replaced: int = 0
+
+
+@attrs.define(eq=False)
+class Hub:
+    settings: HubSettings
+    wall_clock: Callable[[], float] = time.time
+    store: AsyncStore = attrs.field(init=False)
+    codec: Codec = attrs.field(init=False)
+    ingest: IngestWriter = attrs.field(init=False)
+    fanout: FanOut = attrs.field(init=False, factory=FanOut)
+    alerts: AlertEvaluator = attrs.field(init=False, factory=AlertEvaluator)
+    devices: dict[str, DeviceInfo] = attrs.field(init=False, factory=dict)
+    connections: dict[str, DeviceConnection] = attrs.field(init=False, factory=dict)
+    """device_id -> its current connection (from `hello` on)."""
+    unwelcomed: set[DeviceConnection] = attrs.field(init=False, factory=set)
+    """Accepted connections that have not sent `hello` yet (the sweeper times them out)."""
+    counters: Counters = attrs.field(init=False, factory=Counters)
+    login_limiter: auth.LoginLimiter = attrs.field(init=False)
+    store_ok: bool = attrs.field(init=False, default=True)
+    started_at: float = attrs.field(init=False, default=0.0)
+    generated_admin_password: str | None = attrs.field(init=False, default=None, repr=False)
+    metrics_registry: Any = attrs.field(init=False, default=None)
+    _session_cache: dict[str, tuple[UserRecord, float, float]] = attrs.field(
+        init=False, factory=dict
+    )
+    """login token hash -> (user, cached until (monotonic), token expiry (epoch ms))"""
+    _stopped: trio.Event = attrs.field(init=False, factory=trio.Event)
+    _writer_done: trio.Event = attrs.field(init=False, factory=trio.Event)
+
+    def __attrs_post_init__(self) -> None:
+        settings = self.settings
+        self.store = AsyncStore(_LazyStore(settings))
+        self.codec = Codec(SampleRules(allow_unknown_metrics=not settings.strict_metrics))
+        self.ingest = IngestWriter(
+            self.store,
+            capacity=settings.ingest_queue,
+            batch_max=settings.store_batch_max,
+            on_error=self._store_health,
+        )
+        self.login_limiter = auth.LoginLimiter(limit=settings.login_attempts_per_minute)
+
+    def _store_health(self, ok: bool) -> None:
+        if ok != self.store_ok:
+            log.warning("store_state", ok=ok)
+        self.store_ok = ok
+
+    def now_ms(self) -> float:
+        return self.wall_clock() * 1000.0
+
+    # --- lifetime --------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[Hub] = trio.TASK_STATUS_IGNORED) -> None:
+        """Open the store, load the directory, start the writer and the sweeper."""
+        await self.store.open()
+        await self._bootstrap_admin()
+        await self._load_directory()
+        self.started_at = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._run_writer)
+            nursery.start_soon(self._sweep_liveness)
+            nursery.start_soon(self._purge_expired)
+            _tune_gc(self.settings.gc_gen0_threshold)
+            task_status.started(self)
+            log.info("hub_started", devices=len(self.devices))
+            await self._stopped.wait()
+            # Commit what is queued, then stop the helpers.
+            self.ingest.close()
+            with trio.move_on_after(10):
+                await self._writer_done.wait()
+            nursery.cancel_scope.cancel()
+        with trio.move_on_after(5, shield=True):
+            await self.store.close()
+        log.info("hub_stopped")
+
+    async def _run_writer(self) -> None:
+        try:
+            await self.ingest.run()
+        finally:
+            self._writer_done.set()
+
+    async def stop(self) -> None:
+        """Flush the store and end `run` (called from the app's shutdown hook)."""
+        self._stopped.set()
+        with trio.move_on_after(10):
+            await self._writer_done.wait()
+
+    async def _bootstrap_admin(self) -> None:
+        if await self.store.get_user("admin") is not None:
+            return
+        password = self.settings.admin_password
+        if not password:
+            password = secrets.token_urlsafe(12)
+            self.generated_admin_password = password
+        password_hash = await trio.to_thread.run_sync(auth.hash_password, password)
+        try:
+            await self.store.create_user(
+                UserRecord(
+                    username="admin",
+                    password_hash=password_hash,
+                    role="admin",
+                    created_at=self.now_ms(),
+                )
+            )
+        except Conflict:
+            return  # another hub process created it first
+        if self.generated_admin_password is not None:
+            # Printed once, to the console of whoever started the hub; never logged.
+            print(  # noqa: T201
+                f"EMS admin user created: username=admin password={password}", flush=True
+            )
+
+    async def _load_directory(self) -> None:
+        for record in await self.store.list_devices():
+            self.devices[record.device_id] = DeviceInfo(
+                device_id=record.device_id,
+                owner=record.owner,
+                token_hash=record.token_hash,
+                last_seen=record.last_seen,
+                firmware=record.firmware,
+            )
+        stored = await self.store.get_alert_rules()
+        self.alerts.set_rules(DEFAULT_RULES if stored is None else parse_rules(stored))
+
+    async def _sweep_liveness(self) -> None:
+        """Drive every session's timers: hub heartbeats, hello and silence deadlines."""
+        interval = min(1.0, self.settings.heartbeat_s / 4, self.settings.hello_timeout_s / 4)
+        while True:
+            await trio.sleep(interval)
+            now = trio.current_time()
+            for conn in [*self.unwelcomed, *self.connections.values()]:
+                conn.check_timers(now)
+
+    async def _purge_expired(self) -> None:
+        while True:
+            await trio.sleep(60)
+            self.login_limiter.purge(trio.current_time())
+            try:
+                await self.store.purge_sessions(self.now_ms())
+            except Exception as exc:  # the store may be down; try again next minute
+                log.warning("session_purge_failed", error=str(exc))
+
+    # --- the device directory ----------------------------------------------------------------
+
+    def device_token_ok(self, device_id: str, token: str | None) -> bool:
+        info = self.devices.get(device_id)
+        if info is None or not token:
+            # Same work either way, so timing says nothing about which ids exist.
+            auth.token_matches(token or "", "0" * 64)
+            return False
+        return auth.token_matches(token, info.token_hash)
+
+    def can_see(self, username: str, is_admin: bool, device_id: str) -> bool:
+        info = self.devices.get(device_id)
+        return info is not None and (is_admin or info.owner == username)
+
+    async def create_device(
+        self, device_id: str, *, name: str | None, owner: str | None, metadata: dict[str, Any]
+    ) -> tuple[DeviceRecord, str]:
+        token = auth.new_device_token()
+        record = DeviceRecord(
+            device_id=device_id,
+            name=name,
+            owner=owner,
+            metadata=metadata,
+            token_hash=auth.token_hash(token),
+            created_at=self.now_ms(),
+        )
+        await self.store.create_device(record)
+        self.devices[device_id] = DeviceInfo(
+            device_id=device_id, owner=owner, token_hash=record.token_hash
+        )
+        log.info("device_created", device_id=device_id, owner=owner)
+        return record, token
+
+    async def rotate_token(self, device_id: str) -> str | None:
+        info = self.devices.get(device_id)
+        if info is None:
+            return None
+        token = auth.new_device_token()
+        new_hash = auth.token_hash(token)
+        if not await self.store.set_token_hash(device_id, new_hash):
+            return None
+        info.token_hash = new_hash
+        self._close_device(device_id, CloseCode.REVOKED, "token rotated")
+        log.info("device_token_rotated", device_id=device_id)
+        return token
+
+    async def delete_device(self, device_id: str) -> bool:
+        if not await self.store.delete_device(device_id):
+            return False
+        self.devices.pop(device_id, None)
+        self.alerts.forget(device_id)
+        self._close_device(device_id, CloseCode.REVOKED, "device deleted")
+        log.info("device_deleted", device_id=device_id)
+        return True
+
+    def _close_device(self, device_id: str, code: CloseCode, reason: str) -> None:
+        conn = self.connections.get(device_id)
+        if conn is not None:
+            conn.request_close(code, reason)
+
+    async def user_for_token(self, token: str) -> UserRecord | None:
+        """The user a login token belongs to, if it is a live one (device tokens never are)."""
+        key = auth.token_hash(token)
+        now = self.now_ms()
+        cached = self._session_cache.get(key)
+        if cached is not None and cached[1] > trio.current_time():
+            user = cached[0]
+        else:
+            session = await self.store.get_session(key)
+            if session is None or session.expires_at <= now:
+                self._session_cache.pop(key, None)
+                return None
+            user = await self.store.get_user(session.username)
+            if user is None:
+                return None
+            if len(self._session_cache) > 10_000:
+                self._session_cache.clear()
+            self._session_cache[key] = (
+                user,
+                trio.current_time() + SESSION_CACHE_S,
+                session.expires_at,
+            )
+            return user
+        if cached[2] <= now:
+            self._session_cache.pop(key, None)
+            return None
+        return user
+
+    def forget_session(self, token: str) -> None:
+        self._session_cache.pop(auth.token_hash(token), None)
+
+    async def snapshot(self, device_ids: list[str]) -> list[dict[str, Any]]:
+        """`subscribed`'s snapshot: online, last_seen and the latest sample of each device."""
+        missing = [d for d in device_ids if d in self.devices and self.devices[d].latest is None]
+        stored = await self.store.latest_many(missing) if missing else {}
+        out = []
+        for device_id in device_ids:
+            info = self.devices.get(device_id)
+            if info is None:
+                continue
+            conn = self.connections.get(device_id)
+            latest: dict[str, Any] | None = None
+            if info.latest is not None:
+                latest = {"ts": info.latest[1], "data": info.latest[2]}
+            elif device_id in stored:
+                row = stored[device_id]
+                latest = {"ts": row.ts, "data": row.data}
+            out.append(
+                {
+                    "device_id": device_id,
+                    "online": conn is not None and conn.welcomed,
+                    "last_seen": info.last_seen,
+                    "latest": latest,
+                }
+            )
+        return out
+
+    def is_online(self, device_id: str) -> bool:
+        conn = self.connections.get(device_id)
+        return conn is not None and conn.welcomed
+
+    # --- registry ----------------------------------------------------------------------------
+
+    def claim(self, conn: DeviceConnection) -> None:
+        """`conn` said hello: it becomes the device's connection; an older one is closed 4000."""
+        self.unwelcomed.discard(conn)
+        older = self.connections.get(conn.device_id)
+        self.connections[conn.device_id] = conn
+        if older is not None and older is not conn:
+            self.counters.replaced += 1
+            older.replaced_by_newer()
+
+    def release(self, conn: DeviceConnection) -> bool:
+        """`conn` ended; True when it was the device's current connection (now offline)."""
+        self.unwelcomed.discard(conn)
+        if self.connections.get(conn.device_id) is conn:
+            del self.connections[conn.device_id]
+            return True
+        return False
+
+    def publish_status(self, device_id: str, online: bool) -> None:
+        info = self.devices.get(device_id)
+        payload = orjson.dumps(
+            {"type": "device_status", "device_id": device_id, "online": online, "ts": self.now_ms()}
+        )
+        self.fanout.publish(device_id, info.owner if info else None, OTHER, payload)
+
+
+class _LazyStore:
+    """Chooses and builds the real store in `open()`, so making a Hub touches no disk."""
+
+    def __init__(self, settings: HubSettings) -> None:
+        self._settings = settings
+        self._store: Any = None
+
+    def open(self) -> None:
+        if self._store is None:
+            self._store = open_store(self._settings.database_url, self._settings.data_dir)
+        self._store.open()
+
+    def __getattr__(self, name: str) -> Any:
+        if self._store is None:
+            from ems.hub.store import StoreError
+
+            raise StoreError("the store is not open")
+        return getattr(self._store, name)
+
+
+def _tune_gc(gen0_threshold: int) -> None:
+    """Freeze start-up objects and raise the generation-0 threshold (see benchmarks/README)."""
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(gen0_threshold, gen1, gen2)

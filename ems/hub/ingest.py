@@ -1,0 +1,183 @@
+"""The cold path: one task that turns queued messages into store transactions, then acks.
+
+Device readers `submit` items into one bounded channel (the *block* policy: when the store falls
+behind, readers wait, devices stop getting acks and their outboxes hold the data). The writer
+takes everything queued (up to `batch_max`) into one transaction, so a commit covers many
+messages of many devices, and then tells each connection the highest seq it committed for it:
+one cumulative `ack` per device per commit. A store failure is retried with backoff; nothing is
+acknowledged that is not stored.
+
+`acked_seq` lookups for a new connection travel through the same channel, behind every message
+of the device's previous connection, so a `welcome` never reports less than what is already
+queued for the store (which would make the device resend and the hub store twice).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import attrs
+import trio
+
+from ems.hub.store import AlertRow, EventRow, SampleRow, StoreError, StreamMark, WriteBatch
+from ems.logs import get_logger
+
+if TYPE_CHECKING:
+    from ems.hub.store import AsyncStore
+
+log = get_logger("ems.hub.ingest")
+
+
+class CommitListener(Protocol):
+    def committed(self, seq: int) -> None:
+        """Everything this connection submitted up to `seq` is durable."""
+
+
+@attrs.define(eq=False, kw_only=True)
+class IngestItem:
+    """What one reliable message (or a rejected one's seq) adds to the store."""
+
+    listener: CommitListener | None
+    device_id: str
+    stream: str | None = None
+    seq: int | None = None
+    samples: list[SampleRow] = attrs.field(factory=list)
+    events: list[EventRow] = attrs.field(factory=list)
+    alerts: list[AlertRow] = attrs.field(factory=list)
+    last_seen: float | None = None
+    extra: list[Any] = attrs.field(factory=list)
+    """Rows for stores added by later steps (command results, config reports)."""
+
+
+@attrs.define(eq=False)
+class AckedSeqQuery:
+    device_id: str
+    stream: str
+    done: trio.Event = attrs.field(factory=trio.Event)
+    result: int = 0
+
+
+@attrs.define(eq=False)
+class IngestStats:
+    batches: int = 0
+    messages: int = 0
+    samples: int = 0
+    last_batch_seconds: float = 0.0
+    total_batch_seconds: float = 0.0
+    store_errors: int = 0
+    peak_queue: int = 0
+
+
+@attrs.define(eq=False)
+class IngestWriter:
+    store: AsyncStore
+    capacity: int = 20_000
+    batch_max: int = 5_000
+    on_error: Callable[[bool], None] = lambda ok: None
+    """Told False when a commit fails and True when commits succeed again (for /health)."""
+    stats: IngestStats = attrs.field(factory=IngestStats)
+    _send: trio.MemorySendChannel[IngestItem | AckedSeqQuery] = attrs.field(init=False)
+    _receive: trio.MemoryReceiveChannel[IngestItem | AckedSeqQuery] = attrs.field(init=False)
+    _idle: trio.Event = attrs.field(init=False, factory=trio.Event)
+
+    def __attrs_post_init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel(self.capacity)
+
+    async def submit(self, item: IngestItem) -> None:
+        """Queue `item`; waits while the queue is full (backpressure on the device)."""
+        await self._send.send(item)
+
+    def queued(self) -> int:
+        return self._send.statistics().current_buffer_used
+
+    async def acked_seq(self, device_id: str, stream: str) -> int:
+        """The stream's acked seq once everything queued before this call is committed."""
+        query = AckedSeqQuery(device_id, stream)
+        await self._send.send(query)
+        await query.done.wait()
+        return query.result
+
+    def close(self) -> None:
+        """No more items: the writer commits what is queued and returns."""
+        self._send.close()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async with self._receive:
+            while True:
+                try:
+                    first = await self._receive.receive()
+                except trio.EndOfChannel:
+                    return
+                items = [first]
+                while len(items) < self.batch_max:
+                    try:
+                        items.append(self._receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                self.stats.peak_queue = max(self.stats.peak_queue, len(items) + self.queued())
+                await self._commit(items)
+
+    async def _commit(self, items: list[IngestItem | AckedSeqQuery]) -> None:
+        batch = WriteBatch()
+        marks: dict[tuple[str, str], int] = {}
+        committed: dict[CommitListener, int] = {}
+        queries: list[AckedSeqQuery] = []
+        for item in items:
+            if isinstance(item, AckedSeqQuery):
+                queries.append(item)
+                continue
+            batch.samples.extend(item.samples)
+            batch.events.extend(item.events)
+            batch.alerts.extend(item.alerts)
+            if item.last_seen is not None:
+                previous = batch.last_seen.get(item.device_id, 0.0)
+                batch.last_seen[item.device_id] = max(previous, item.last_seen)
+            if item.seq is not None and item.stream is not None:
+                key = (item.device_id, item.stream)
+                marks[key] = max(marks.get(key, 0), item.seq)
+                if item.listener is not None:
+                    committed[item.listener] = max(committed.get(item.listener, 0), item.seq)
+        batch.marks = [StreamMark(device_id=d, stream=s, seq=q) for (d, s), q in marks.items()]
+        if len(batch) or batch.last_seen:
+            await self._write_with_retry(batch)
+            self.stats.batches += 1
+            self.stats.messages += len(items) - len(queries)
+            self.stats.samples += len(batch.samples)
+        for listener, seq in committed.items():
+            listener.committed(seq)
+        for query in queries:
+            query.result = await self._lookup_with_retry(query)
+            query.done.set()
+
+    async def _write_with_retry(self, batch: WriteBatch) -> None:
+        delay = 0.1
+        while True:
+            started = time.perf_counter()
+            try:
+                await self.store.write_batch(batch)
+            except StoreError as exc:
+                self.stats.store_errors += 1
+                self.on_error(False)
+                log.warning("store_write_failed", error=str(exc), rows=len(batch), retry_s=delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            elapsed = time.perf_counter() - started
+            self.stats.last_batch_seconds = elapsed
+            self.stats.total_batch_seconds += elapsed
+            self.on_error(True)
+            return
+
+    async def _lookup_with_retry(self, query: AckedSeqQuery) -> int:
+        delay = 0.1
+        while True:
+            try:
+                return await self.store.acked_seq(query.device_id, query.stream)
+            except StoreError as exc:
+                self.on_error(False)
+                log.warning("store_read_failed", device_id=query.device_id, error=str(exc))
+                await trio.sleep(delay)
+                delay = min(delay * 2, 5.0)

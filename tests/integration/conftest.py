@@ -1,0 +1,231 @@
+"""The real hub as a `hypercorn -k trio ems.hub:app` subprocess, and clients to talk to it.
+
+`hub` starts one per test (fresh data directory, port chosen by hypercorn on 127.0.0.1:0 and
+read back from its log), waits until `/health` answers, and always stops it. Tests talk to it
+with httpx (REST) and trio-websocket (links), as an outside client would.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import orjson
+import pytest
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+ADMIN_PASSWORD = "admin-password-for-tests"
+BIND_LINE = re.compile(rb"Running on http://127\.0\.0\.1:(\d+)")
+
+
+@attrs.define
+class HubProcess:
+    """One hub subprocess; restartable on the same data directory."""
+
+    data_dir: Path
+    env: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+    port: int = 0
+    log_path: Path | None = None
+    _admin_token: str | None = None
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def start(self, port: int = 0) -> None:
+        assert self.process is None
+        self.log_path = self.data_dir / f"hub-{time.monotonic_ns()}.log"
+        log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "hypercorn",
+                "-k",
+                "trio",
+                "-b",
+                f"127.0.0.1:{port}",
+                "--graceful-timeout",
+                "2",
+                "ems.hub:app",
+            ],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.data_dir,
+        )
+        log.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"hub exited at start:\n{self.log()}")
+            match = BIND_LINE.search(self.log_path.read_bytes())
+            if match:
+                self.port = int(match.group(1))
+                try:
+                    if httpx.get(f"{self.http}/health", timeout=2).status_code in (200, 503):
+                        return
+                except httpx.TransportError:
+                    pass
+            time.sleep(0.05)  # fixture start-up poll, not a test body
+        raise RuntimeError(f"hub did not start:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        """Stop the hub (SIGTERM: graceful; SIGKILL: a crash); its exit code."""
+        if self.process is None:
+            return None
+        process, self.process = self.process, None
+        if process.poll() is None:
+            process.send_signal(sig)
+            try:
+                return process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                return process.wait(timeout=10)
+        return process.returncode
+
+    def restart(self, sig: int = signal.SIGTERM) -> None:
+        port = self.port
+        self.stop(sig)
+        self._admin_token = None
+        self.start(port)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    # --- REST helpers (sync; call from trio tests through `call`) --------------------------
+
+    def admin_token(self) -> str:
+        if self._admin_token is None:
+            self._admin_token = self.login("admin", ADMIN_PASSWORD)
+        return self._admin_token
+
+    def login(self, username: str, password: str) -> str:
+        response = httpx.post(
+            f"{self.http}/api/auth/login", json={"username": username, "password": password}
+        )
+        assert response.status_code == 200, response.text
+        return str(response.json()["token"])
+
+    def request(
+        self, method: str, path: str, token: str | None = None, **kwargs: Any
+    ) -> httpx.Response:
+        headers = dict(kwargs.pop("headers", {}))
+        if token is None:
+            token = self.admin_token()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        return httpx.request(method, f"{self.http}{path}", headers=headers, timeout=30, **kwargs)
+
+    def create_device(self, device_id: str, **fields: Any) -> str:
+        response = self.request("POST", "/api/devices", json={"device_id": device_id, **fields})
+        assert response.status_code == 201, response.text
+        return str(response.json()["token"])
+
+    def create_user(self, username: str, role: str = "viewer", password: str = "password-1") -> str:
+        response = self.request(
+            "POST", "/api/users", json={"username": username, "password": password, "role": role}
+        )
+        assert response.status_code == 201, response.text
+        return self.login(username, password)
+
+
+def hub_env(data_dir: Path, **overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMS_")}
+    env.update(
+        {
+            "EMS_DATA_DIR": str(data_dir / "data"),
+            "EMS_ADMIN_PASSWORD": ADMIN_PASSWORD,
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(overrides)
+    return env
+
+
+@pytest.fixture
+def hub_factory(tmp_path: Path) -> Iterator[Any]:
+    """Start hubs with extra `EMS_*` settings; every one is stopped at the end."""
+    started: list[HubProcess] = []
+
+    def start(**settings: str) -> HubProcess:
+        data_dir = tmp_path / f"hub{len(started)}"
+        data_dir.mkdir()
+        hub = HubProcess(data_dir=data_dir, env=hub_env(data_dir, **settings))
+        started.append(hub)
+        hub.start()
+        return hub
+
+    yield start
+    for hub in started:
+        hub.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def hub(hub_factory: Any) -> HubProcess:
+    return hub_factory()
+
+
+# --- WebSocket clients ----------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def device_ws(
+    hub: HubProcess, device_id: str, token: str | None
+) -> AsyncIterator[WebSocketConnection]:
+    headers = [("Authorization", f"Bearer {token}")] if token else []
+    async with open_websocket_url(f"{hub.ws}/ws/device/{device_id}", extra_headers=headers) as ws:
+        yield ws
+
+
+@asynccontextmanager
+async def dashboard_ws(hub: HubProcess, token: str) -> AsyncIterator[WebSocketConnection]:
+    headers = [("Authorization", f"Bearer {token}")]
+    async with open_websocket_url(f"{hub.ws}/ws/dashboard", extra_headers=headers) as ws:
+        yield ws
+
+
+async def send_json(ws: WebSocketConnection, message: dict[str, Any]) -> None:
+    await ws.send_message(orjson.dumps(message).decode())
+
+
+async def receive_json(ws: WebSocketConnection, timeout: float = 10) -> dict[str, Any]:
+    with trio.fail_after(timeout):
+        return orjson.loads(await ws.get_message())  # type: ignore[no-any-return]
+
+
+async def receive_until(ws: WebSocketConnection, kind: str, timeout: float = 10) -> dict[str, Any]:
+    """The next message of `type` `kind`, unpacking `batch` frames, skipping others."""
+    with trio.fail_after(timeout):
+        while True:
+            message = orjson.loads(await ws.get_message())
+            for item in message["messages"] if message["type"] == "batch" else [message]:
+                if item["type"] == kind:
+                    return item  # type: ignore[no-any-return]
+
+
+async def hello(ws: WebSocketConnection, stream: str = "stream-1", **fields: Any) -> dict[str, Any]:
+    await send_json(ws, {"type": "hello", "stream": stream, "agent": "tests/1", **fields})
+    welcome = await receive_until(ws, "welcome")
+    return welcome
+
+
+async def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a blocking helper (REST call, process control) off the trio thread."""
+    return await trio.to_thread.run_sync(lambda: fn(*args, **kwargs))
