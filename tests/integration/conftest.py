@@ -205,14 +205,18 @@ async def send_json(ws: WebSocketConnection, message: dict[str, Any]) -> None:
     await ws.send_message(orjson.dumps(message).decode())
 
 
-async def receive_json(ws: WebSocketConnection, timeout: float = 10) -> dict[str, Any]:
-    with trio.fail_after(timeout):
+HANG_GUARD_S = 15.0
+"""A test that waits longer than this for a message has failed (a guard, not a timing check)."""
+
+
+async def receive_json(ws: WebSocketConnection) -> dict[str, Any]:
+    with trio.fail_after(HANG_GUARD_S):
         return orjson.loads(await ws.get_message())  # type: ignore[no-any-return]
 
 
-async def receive_until(ws: WebSocketConnection, kind: str, timeout: float = 10) -> dict[str, Any]:
+async def receive_until(ws: WebSocketConnection, kind: str) -> dict[str, Any]:
     """The next message of `type` `kind`, unpacking `batch` frames, skipping others."""
-    with trio.fail_after(timeout):
+    with trio.fail_after(HANG_GUARD_S):
         while True:
             message = orjson.loads(await ws.get_message())
             for item in message["messages"] if message["type"] == "batch" else [message]:
