@@ -7,6 +7,7 @@ an unread body. Handlers fetch the `Hub` from the app once and call it; they hol
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Awaitable, Callable
 from functools import wraps
@@ -103,12 +104,31 @@ async def json_object(*, required: bool = True) -> dict[str, Any]:
     return body
 
 
+DISCARD_BODY_S = 30.0
+"""How long an early answer waits for the rest of an unread request body."""
+
+
 async def _discard_body() -> None:
-    try:
-        async for _ in request.body:
+    """Read and drop what is left of the request body (time-boxed; nothing when it is in)."""
+    body = request.body
+    complete = getattr(body, "_complete", None)
+    if complete is not None and complete.is_set():
+        return  # received in full already (read by the handler, or small)
+    with trio.move_on_after(DISCARD_BODY_S):
+        try:
+            async for _ in body:
+                pass
+        except Exception:  # over Quart's size limit, or the client went away
             pass
-    except Exception:
-        pass
+
+
+@api.after_app_request
+async def _drain_unread_body(response: Response) -> Response:
+    """Every answer, early errors included (401, 404, 405...), waits until the request body
+    is read: a client still sending it would otherwise never read the answer (the server stops
+    reading once the handler is done), and the kept-alive connection would stall."""
+    await _discard_body()
+    return response
 
 
 def field(
@@ -187,6 +207,20 @@ def _client_address() -> str:
     return request.remote_addr or "unknown"
 
 
+def _from_loopback() -> bool:
+    """The caller is on this host (IPv4, IPv6, or IPv4 mapped into an IPv6 socket)."""
+    address = request.remote_addr or ""
+    if address == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
 # --- health and metrics ------------------------------------------------------------------------
 
 
@@ -213,8 +247,7 @@ async def health() -> Response:
 
 @api.get("/metrics")
 async def metrics() -> Response:
-    address = request.remote_addr or ""
-    if address not in ("127.0.0.1", "::1", "localhost") and not address.startswith("127."):
+    if not _from_loopback():
         user = await current_user()
         if user.role != "admin":
             raise ApiError(403, "FORBIDDEN", "metrics are for admins")
@@ -385,8 +418,10 @@ async def get_device(user: UserRecord, device_id: str) -> Response:
 @api.delete("/api/devices/<device_id>")
 @requires("admin")
 async def delete_device(_: UserRecord, device_id: str) -> Response:
-    if not await hub().delete_device(device_id):
+    h = hub()
+    if not await h.delete_device(device_id):
         raise ApiError(404, "DEVICE_NOT_FOUND", f"no device {device_id!r}")
+    h.fanout.forget_device(device_id)
     return Response(status=204)
 
 

@@ -9,14 +9,14 @@ queue, which drops its oldest telemetry and reports `lagged`.
 
 from __future__ import annotations
 
-from http.cookies import SimpleCookie
 from typing import TYPE_CHECKING, Any
 
 import orjson
 import trio
+from werkzeug.http import parse_cookie
 
 from ems.hub.device_link import bearer_token, deny
-from ems.hub.fanout import OTHER, DashboardQueue, Subscriber
+from ems.hub.fanout import FRAME_BYTES, OTHER, DashboardQueue, Subscriber
 from ems.logs import get_logger
 from ems.protocol import messages as m
 from ems.protocol.errors import ErrorCode, ProtocolError
@@ -31,16 +31,14 @@ SESSION_COOKIE = "ems_session"
 
 
 def session_cookie(scope: dict[str, Any]) -> str | None:
+    """The login session cookie, parsed as REST parses it (werkzeug): other cookies the browser
+    holds for this host, in whatever shape, do not hide it (`http.cookies` stops at the first
+    cookie it dislikes, such as a JSON value)."""
     for name, value in scope.get("headers", ()):
         if name.lower() == b"cookie":
-            cookie = SimpleCookie()
-            try:
-                cookie.load(value.decode("latin-1"))
-            except Exception:  # a malformed Cookie header is just no cookie
-                continue
-            morsel = cookie.get(SESSION_COOKIE)
-            if morsel is not None and morsel.value:
-                return morsel.value
+            for token in parse_cookie(value.decode("latin-1")).getlist(SESSION_COOKIE):
+                if token:
+                    return token  # type: ignore[no-any-return]
     return None
 
 
@@ -114,7 +112,7 @@ class DashboardConnection:
                 allowed.append(device_id)
             else:
                 refused.append(device_id)
-        if allowed:
+        if allowed or not refused:  # every request is answered, an empty one too
             if "*" in allowed:
                 covered = [
                     d
@@ -141,11 +139,13 @@ class DashboardConnection:
 
     async def _writer(self) -> None:
         queue = self.subscriber.queue
-        flush_s = self.hub.settings.dashboard_flush_ms / 1000.0
+        settings = self.hub.settings
+        flush_s = settings.dashboard_flush_ms / 1000.0
+        max_bytes = min(FRAME_BYTES, settings.max_frame_bytes)
         counters = self.hub.counters
         while True:
             await queue.wait()
             await trio.sleep(flush_s)  # let a tick's worth of updates gather into one frame
-            while (frame := queue.take_frame()) is not None:
+            while (frame := queue.take_frame(max_bytes=max_bytes)) is not None:
                 await self.send({"type": "websocket.send", "text": frame})
                 counters.dashboard_frames_out += 1

@@ -119,6 +119,9 @@ class DeviceConnection:
     _wake: trio.Event = attrs.field(init=False, factory=trio.Event)
     _committed: trio.Event = attrs.field(init=False, factory=trio.Event)
     _close: tuple[CloseCode, str] | None = attrs.field(init=False, default=None)
+    _close_sent: bool = attrs.field(init=False, default=False)
+    _submitted: int = attrs.field(init=False, default=0)
+    """The highest seq handed to the ingest writer (what the last `ack` must cover)."""
     _scope: trio.CancelScope | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
@@ -186,8 +189,9 @@ class DeviceConnection:
                 await self._reader(receive)
                 if self._close is None:
                     nursery.cancel_scope.cancel()  # the device went away
-        except trio.Cancelled:
-            # Cancelled from outside: the server is shutting down.
+        except* trio.Cancelled:
+            # Cancelled from outside: the server is shutting down. (The nursery reports the
+            # reader's and the writer's Cancelled together, as a group.)
             with trio.move_on_after(hub.settings.shutdown_grace_s, shield=True):
                 await self._goodbye()
             raise
@@ -227,36 +231,50 @@ class DeviceConnection:
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
+            # Read before draining: a close requested while this batch is being sent comes
+            # with frames of its own (the `error` that explains it), sent on the next turn.
+            closing = self._close
             frames = session.data_to_send()
             for text in frames:
                 await send({"type": "websocket.send", "text": text})
             counters.frames_out += len(frames)
-            if self._close is not None:
-                code, reason = self._close
+            if closing is not None:
+                code, reason = closing
+                self._close_sent = True
                 await send({"type": "websocket.close", "code": int(code), "reason": reason})
                 assert self._scope is not None
                 self._scope.cancel()
                 return
 
     async def _goodbye(self) -> None:
-        """Last acks, `goaway`, 1001: the device comes back to another (or the same) hub."""
+        """Last ack, `goaway`, 1001: the device comes back to another (or the same) hub."""
+        if self._close_sent:
+            return
         session = self.session
-        if self._close is None and session.state is LinkState.OPEN:
-            while session.acked < session.accepted:
-                await self._committed.wait()
-                self._committed = trio.Event()
-            settings = self.hub.settings
-            session.send(
-                m.GoAway(
-                    retry_after_ms=settings.goaway_retry_ms, spread_ms=settings.goaway_spread_ms
+        frames: list[str] = []
+        if self._close is None:
+            if session.state is LinkState.OPEN:
+                # Wait for what reached the ingest writer (a message whose hand-over was cut
+                # short by the cancellation is not acked: the device sends it again).
+                while session.acked < self._submitted:
+                    await self._committed.wait()
+                    self._committed = trio.Event()
+                frames = session.data_to_send()  # the last ack comes before `goaway`
+                settings = self.hub.settings
+                session.send(
+                    m.GoAway(
+                        retry_after_ms=settings.goaway_retry_ms,
+                        spread_ms=settings.goaway_spread_ms,
+                    )
                 )
-            )
-            for text in session.data_to_send():
-                await self.send({"type": "websocket.send", "text": text})
             self.request_close(CloseCode.GOING_AWAY, "hub shutting down")
-        if self._close is not None:
-            code, reason = self._close
-            await self.send({"type": "websocket.close", "code": int(code), "reason": reason})
+        frames += session.data_to_send()
+        for text in frames:
+            await self.send({"type": "websocket.send", "text": text})
+        assert self._close is not None
+        code, reason = self._close
+        self._close_sent = True
+        await self.send({"type": "websocket.close", "code": int(code), "reason": reason})
 
     # --- events from the session ---------------------------------------------------------------
 
@@ -367,6 +385,7 @@ class DeviceConnection:
         if isinstance(message, m.Telemetry | m.History):
             hub.counters.samples_rejected += len(message.rejected)
         await hub.ingest.submit(item)
+        self._submitted = seq
 
     def _ingest_samples(self, message: m.Telemetry, item: IngestItem, info: Any) -> None:
         hub = self.hub

@@ -18,6 +18,10 @@ import trio
 
 TELEMETRY = 0
 OTHER = 1
+FRAME_BYTES = 512 * 1024
+"""Largest `batch` frame: well below the 1 MiB frame limit common to WebSocket clients."""
+_BATCH_HEAD = b'{"type":"batch","messages":['
+_BATCH_TAIL = b"]}"
 
 
 def encode_update(message: dict[str, Any]) -> bytes:
@@ -61,20 +65,28 @@ class DashboardQueue:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
 
-    def take_frame(self, limit: int = 2_000) -> str | None:
-        """Up to `limit` queued updates as one frame (a `batch` unless there is just one)."""
+    def take_frame(self, limit: int = 2_000, max_bytes: int = FRAME_BYTES) -> str | None:
+        """Up to `limit` queued updates as one frame (a `batch` unless there is just one) of at
+        most `max_bytes` (a single larger update still goes, alone)."""
         parts: list[bytes] = []
+        size = len(_BATCH_HEAD) + len(_BATCH_TAIL)
         if self.dropped_pending:
             parts.append(b'{"type":"lagged","dropped":%d}' % self.dropped_pending)
+            size += len(parts[0])
             self.dropped_pending = 0
         items = self._items
         while items and len(parts) < limit:
-            parts.append(items.popleft()[1])
+            payload = items[0][1]
+            size += len(payload) + 1
+            if parts and size > max_bytes:
+                break
+            items.popleft()
+            parts.append(payload)
         if not parts:
             return None
         if len(parts) == 1:
             return parts[0].decode()
-        return (b'{"type":"batch","messages":[' + b",".join(parts) + b"]}").decode()
+        return (_BATCH_HEAD + b",".join(parts) + _BATCH_TAIL).decode()
 
 
 @attrs.define(eq=False)
@@ -125,6 +137,12 @@ class FanOut:
                 subs.discard(subscriber)
                 if not subs:
                     del self._by_device[device_id]
+
+    def forget_device(self, device_id: str) -> None:
+        """`device_id` was deleted: its explicit subscriptions end, so a device created later
+        under the same id (perhaps for another owner) reaches only those who subscribe anew."""
+        for subscriber in self._by_device.pop(device_id, ()):
+            subscriber.devices.discard(device_id)
 
     def _set_wildcard(self, subscriber: Subscriber, on: bool) -> None:
         subscriber.wildcard = on

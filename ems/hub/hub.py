@@ -101,6 +101,7 @@ class Hub:
             self.store,
             capacity=settings.ingest_queue,
             batch_max=settings.store_batch_max,
+            commit_interval_s=settings.store_commit_ms / 1000.0,
             on_error=self._store_health,
         )
         self.login_limiter = auth.LoginLimiter(limit=settings.login_attempts_per_minute)
@@ -261,9 +262,12 @@ class Hub:
         return True
 
     def _close_device(self, device_id: str, code: CloseCode, reason: str) -> None:
+        # Also the links that were let in on the old credentials and have not said hello yet:
+        # otherwise their hello would still be welcomed.
+        waiting = [c for c in self.unwelcomed if c.device_id == device_id]
         conn = self.connections.get(device_id)
-        if conn is not None:
-            conn.request_close(code, reason)
+        for c in [*waiting, *([conn] if conn is not None else [])]:
+            c.request_close(code, reason)
 
     async def user_for_token(self, token: str) -> UserRecord | None:
         """The user a login token belongs to, if it is a live one (device tokens never are)."""

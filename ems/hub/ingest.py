@@ -75,6 +75,7 @@ class IngestWriter:
     store: AsyncStore
     capacity: int = 20_000
     batch_max: int = 5_000
+    commit_interval_s: float = 0.05
     on_error: Callable[[bool], None] = lambda ok: None
     """Told False when a commit fails and True when commits succeed again (for /health)."""
     stats: IngestStats = attrs.field(factory=IngestStats)
@@ -112,11 +113,14 @@ class IngestWriter:
                 except trio.EndOfChannel:
                     return
                 items = [first]
-                while len(items) < self.batch_max:
-                    try:
-                        items.append(self._receive.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
+                # Gather for one commit interval: at fleet rates a transaction (and its thread
+                # hop) per message would cost more than everything else the hub does.
+                with trio.move_on_after(self.commit_interval_s):
+                    while len(items) < self.batch_max:
+                        try:
+                            items.append(await self._receive.receive())
+                        except trio.EndOfChannel:
+                            break
                 self.stats.peak_queue = max(self.stats.peak_queue, len(items) + self.queued())
                 await self._commit(items)
 

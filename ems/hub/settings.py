@@ -49,6 +49,8 @@ class HubSettings:
     """Messages waiting for the store before device readers are pushed back."""
     store_batch_max: int = attrs.field(default=5_000, validator=_positive)
     """Most messages one store transaction takes."""
+    store_commit_ms: float = attrs.field(default=50.0, validator=_positive)
+    """How long the ingest writer gathers messages into one transaction (delays acks only)."""
     dashboard_queue: int = attrs.field(default=5_000, validator=_positive)
     """Updates queued per dashboard before its oldest telemetry is dropped (`lagged`)."""
     dashboard_flush_ms: float = attrs.field(default=10.0, validator=_positive)
@@ -126,6 +128,7 @@ _CONVERTERS: dict[str, Callable[[str], Any]] = {
     "rate_limit_burst": _float,
     "ingest_queue": int,
     "store_batch_max": int,
+    "store_commit_ms": _float,
     "dashboard_queue": int,
     "dashboard_flush_ms": _float,
     "strict_metrics": _bool,

@@ -69,6 +69,7 @@ class HubProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.data_dir,
+            start_new_session=True,  # hypercorn forks workers: stop them as one group
         )
         log.close()
         deadline = time.monotonic() + 30
@@ -91,14 +92,24 @@ class HubProcess:
         if self.process is None:
             return None
         process, self.process = self.process, None
-        if process.poll() is None:
-            process.send_signal(sig)
+        code = process.poll()
+        if code is None:
+            # SIGTERM goes to hypercorn's main process, which shuts its workers down
+            # gracefully; SIGKILL goes to the whole group, workers included (a crash).
+            if sig == signal.SIGKILL:
+                os.killpg(process.pid, signal.SIGKILL)
+            else:
+                process.send_signal(sig)
             try:
-                return process.wait(timeout=20)
+                code = process.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                process.kill()
-                return process.wait(timeout=10)
-        return process.returncode
+                os.killpg(process.pid, signal.SIGKILL)
+                code = process.wait(timeout=10)
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # anything left of the group
+        except ProcessLookupError:
+            pass
+        return code
 
     def restart(self, sig: int = signal.SIGTERM) -> None:
         port = self.port

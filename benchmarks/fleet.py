@@ -1,0 +1,466 @@
+"""Simulated fleet against a real hub: how many devices, what latency, what it costs the hub.
+
+Starts a hub (`hypercorn -k trio ems.hub:app`, fresh data directory) unless `--hub` names one,
+creates the devices through the REST API, subscribes one dashboard to `*`, and runs N devices,
+each a `DeviceSession` over trio-websocket sending one telemetry message per interval. Reports:
+
+- delivered/sent: telemetry updates the dashboard received over samples the devices sent;
+- stored: rows in the hub's store, and whether every sample was acked;
+- latency p50/p99/max: device send (the sample's `ts`) to dashboard receive, wall clock;
+- hub CPU-seconds per 1,000 samples, from /proc of the hub's worker process;
+- hub RSS per connection: (RSS with the fleet connected - RSS before) / N.
+
+Run `python benchmarks/fleet.py --devices 1000 --rate 1 --duration 30`; `make bench` runs the
+short version. Results go to benchmarks/results/ as JSON and a markdown row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import orjson
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+
+from ems.protocol import messages as m
+from ems.protocol._window import CommandRecord, SeqAllocator
+from ems.protocol.codec import Codec
+from ems.protocol.device_session import Acked, DeviceSession, LinkDead
+
+ADMIN_PASSWORD = "bench-admin-password"
+RESULTS = Path(__file__).parent / "results"
+BIND_LINE = re.compile(rb"Running on http://127\.0\.0\.1:(\d+)")
+CODEC = Codec()
+
+
+# --- the hub under test --------------------------------------------------------------------
+
+
+@attrs.define
+class HubUnderTest:
+    data_dir: Path
+    env_extra: dict[str, str] = attrs.field(factory=dict)
+    workers: int = 1
+    process: subprocess.Popen[bytes] | None = None
+    port: int = 0
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EMS_")}
+        env.update(
+            {
+                "EMS_DATA_DIR": str(self.data_dir / "data"),
+                "EMS_ADMIN_PASSWORD": ADMIN_PASSWORD,
+                **self.env_extra,
+            }
+        )
+        log_path = self.data_dir / "hub.log"
+        with log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "hypercorn",
+                    "-k",
+                    "trio",
+                    "-w",
+                    str(self.workers),
+                    "-b",
+                    "127.0.0.1:0",
+                    "--backlog",
+                    "4096",
+                    "ems.hub:app",
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.data_dir,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            match = BIND_LINE.search(log_path.read_bytes())
+            if match:
+                self.port = int(match.group(1))
+                try:
+                    httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2)
+                    return
+                except httpx.TransportError:
+                    pass
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError("hub did not start:\n" + log_path.read_text(errors="replace"))
+
+    def worker_pids(self) -> list[int]:
+        """hypercorn forks its workers; the CPU that matters is theirs."""
+        assert self.process is not None
+        pid = self.process.pid
+        children: list[int] = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            text = (task / "children").read_text().split()
+            children.extend(int(c) for c in text)
+        return children or [pid]
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+    return total
+
+
+def rss_bytes(pids: Sequence[int]) -> int:
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+# --- the fleet ---------------------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class SimDevice:
+    device_id: str
+    token: str
+    sent: int = 0
+    acked_seq: int = 0
+    last_seq: int = 0
+    connects: int = 0
+    refused: int = 0
+
+
+@attrs.define(eq=False)
+class Fleet:
+    url: str
+    devices: list[SimDevice]
+    rate: float
+    metrics: int
+    samples_per_message: int = 1
+    stop_sending: trio.Event = attrs.field(factory=trio.Event)
+    online: int = 0
+    all_online: trio.Event = attrs.field(factory=trio.Event)
+
+    async def run_device(self, device: SimDevice, start_delay: float) -> None:
+        await trio.sleep(start_delay)
+        seqs = SeqAllocator()
+        outbox: dict[int, str] = {}
+        record = CommandRecord()
+        rng = random.Random(device.device_id)
+        counted_online = False
+        while not (self.stop_sending.is_set() and not outbox):
+            try:
+                async with open_websocket_url(
+                    f"{self.url}/ws/device/{device.device_id}",
+                    extra_headers=[("Authorization", f"Bearer {device.token}")],
+                ) as ws:
+                    device.connects += 1
+                    session = DeviceSession(
+                        hello=m.Hello(stream=f"bench-{device.device_id}", agent="ems-bench/1"),
+                        now=trio.current_time(),
+                        record=record,
+                        codec=CODEC,
+                        wall_clock=time.time,
+                    )
+                    for text in session.data_to_send():
+                        await ws.send_message(text)
+                    async with trio.open_nursery() as nursery:
+
+                        async def reader() -> None:
+                            nonlocal counted_online
+                            while True:
+                                text = await ws.get_message()
+                                session.receive_text(text, trio.current_time())
+                                while (event := session.next_event()) is not None:
+                                    if isinstance(event, Acked):
+                                        for seq in [s for s in outbox if s <= event.seq]:
+                                            del outbox[seq]
+                                        device.acked_seq = max(device.acked_seq, event.seq)
+                                        if not counted_online:
+                                            counted_online = True
+                                            self.online += 1
+                                            if self.online == len(self.devices):
+                                                self.all_online.set()
+                                    elif isinstance(event, LinkDead):
+                                        raise ConnectionError(event.reason)
+                                await flush()
+                                if self.stop_sending.is_set() and not outbox:
+                                    nursery.cancel_scope.cancel()
+
+                        async def flush() -> None:
+                            if session.state.value == "open":
+                                for seq in sorted(s for s in outbox if s > session.sent_high):
+                                    if session.window_free() <= 0:
+                                        break
+                                    session.send_reliable(seq, outbox[seq], trio.current_time())
+                            for text in session.data_to_send():
+                                await ws.send_message(text)
+
+                        async def producer() -> None:
+                            interval = 1.0 / self.rate
+                            next_at = trio.current_time()
+                            while not self.stop_sending.is_set():
+                                now_ms = time.time() * 1000.0
+                                samples = tuple(
+                                    m.Sample(
+                                        ts=now_ms + i * 0.001,
+                                        data={
+                                            f"m{k}": round(rng.uniform(0, 100), 2)
+                                            for k in range(self.metrics)
+                                        },
+                                    )
+                                    for i in range(self.samples_per_message)
+                                )
+                                seq = seqs.next()
+                                outbox[seq] = CODEC.encode(m.Telemetry(seq=seq, samples=samples))
+                                device.sent += len(samples)
+                                device.last_seq = seq
+                                await flush()
+                                next_at += interval
+                                await trio.sleep_until(next_at)
+
+                        async def ticker() -> None:
+                            while True:
+                                await trio.sleep(1.0)
+                                session.handle_timer(trio.current_time())
+                                await flush()
+
+                        nursery.start_soon(reader)
+                        nursery.start_soon(ticker)
+                        if not self.stop_sending.is_set():
+                            nursery.start_soon(producer)
+            except (OSError, HandshakeError, ConnectionClosed, ConnectionError, trio.BrokenResourceError):
+                device.refused += 1
+                await trio.sleep(rng.uniform(0.5, 2.0))
+
+
+@attrs.define(eq=False)
+class DashboardProbe:
+    url: str
+    token: str
+    latencies_ms: list[float] = attrs.field(factory=list)
+    received: int = 0
+    lagged: int = 0
+    ready: trio.Event = attrs.field(factory=trio.Event)
+
+    async def run(self) -> None:
+        async with open_websocket_url(
+            f"{self.url}/ws/dashboard", extra_headers=[("Authorization", f"Bearer {self.token}")]
+        ) as ws:
+            await ws.send_message('{"type":"subscribe","devices":["*"]}')
+            while True:
+                frame = orjson.loads(await ws.get_message())
+                now_ms = time.time() * 1000.0
+                items = frame["messages"] if frame["type"] == "batch" else [frame]
+                for item in items:
+                    kind = item["type"]
+                    if kind == "telemetry_update":
+                        self.received += 1
+                        self.latencies_ms.append(now_ms - item["ts"])
+                    elif kind == "subscribed":
+                        self.ready.set()
+                    elif kind == "lagged":
+                        self.lagged += item["dropped"]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# --- one scenario ------------------------------------------------------------------------------
+
+
+async def steady(args: argparse.Namespace) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="ems-bench-"))
+    hub = HubUnderTest(workdir, env_extra=dict(args.hub_env or []), workers=args.workers)
+    if args.hub:
+        # An existing hub (profiling, other machines); its data dir is `--hub-data`.
+        hub.port = int(args.hub.rsplit(":", 1)[1])
+        workdir = Path(args.hub_data)
+    else:
+        hub.start()
+    url = f"ws://127.0.0.1:{hub.port}"
+    http = f"http://127.0.0.1:{hub.port}"
+    try:
+        client = httpx.Client(base_url=http, timeout=60)
+        token = client.post(
+            "/api/auth/login", json={"username": "admin", "password": ADMIN_PASSWORD}
+        ).json()["token"]
+        client.headers["Authorization"] = f"Bearer {token}"
+        devices = []
+        for i in range(args.devices):
+            device_id = f"bench-{i:05d}"
+            response = client.post("/api/devices", json={"device_id": device_id})
+            response.raise_for_status()
+            devices.append(SimDevice(device_id, response.json()["token"]))
+        pids = hub.worker_pids() if hub.process is not None else [int(args.hub_pid)]
+        rss_before = rss_bytes(pids)
+        fleet = Fleet(url, devices, rate=args.rate, metrics=args.metrics, samples_per_message=args.batch)
+        probe = DashboardProbe(url, token)
+        result: dict[str, Any] = {}
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(probe.run)
+            await probe.ready.wait()
+            connect_started = time.monotonic()
+            for index, device in enumerate(devices):
+                delay = (index / len(devices)) * min(1.0 / args.rate, 5.0)
+                nursery.start_soon(fleet.run_device, device, delay)
+            with trio.move_on_after(120):
+                await fleet.all_online.wait()
+            result["connect_s"] = round(time.monotonic() - connect_started, 2)
+            rss_connected = rss_bytes(pids)
+            cpu_start = cpu_seconds(pids)
+            sent_start = sum(d.sent for d in devices)
+            received_start = probe.received
+            probe.latencies_ms.clear()
+            await trio.sleep(args.duration)
+            cpu_used = cpu_seconds(pids) - cpu_start
+            sent_window = sum(d.sent for d in devices) - sent_start
+            received_window = probe.received - received_start
+            fleet.stop_sending.set()
+            # Everything sent must be acked, and reach the dashboard.
+            total_sent = sum(d.sent for d in devices)
+            with trio.move_on_after(60):
+                while any(d.acked_seq < d.last_seq for d in devices) or probe.received < total_sent:
+                    await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()
+        hub.stop()
+        stored = sqlite3.connect(workdir / "data" / "ems.db").execute("SELECT count(*) FROM telemetry").fetchone()[0]
+        lat = probe.latencies_ms
+        result.update(
+            {
+                "scenario": "steady",
+                "devices": args.devices,
+                "rate_per_device": args.rate,
+                "samples_per_message": args.batch,
+                "metrics": args.metrics,
+                "duration_s": args.duration,
+                "sent": total_sent,
+                "delivered": probe.received,
+                "stored": stored,
+                "all_acked": all(d.acked_seq >= d.last_seq for d in devices),
+                "lagged": probe.lagged,
+                "reconnects": sum(max(0, d.connects - 1) for d in devices),
+                "refused": sum(d.refused for d in devices),
+                "latency_ms_p50": round(percentile(lat, 0.50), 1),
+                "latency_ms_p99": round(percentile(lat, 0.99), 1),
+                "latency_ms_max": round(max(lat) if lat else float("nan"), 1),
+                "samples_per_s": round(sent_window / args.duration, 1),
+                "delivered_in_window": received_window,
+                "hub_cpu_s_per_1000_samples": round(1000 * cpu_used / max(sent_window, 1), 4),
+                "hub_cpu_percent": round(100 * cpu_used / args.duration, 1),
+                "hub_rss_mb": round(rss_connected / 2**20, 1),
+                "hub_rss_kb_per_connection": round((rss_connected - rss_before) / 1024 / max(args.devices, 1), 1),
+            }
+        )
+        return result
+    finally:
+        hub.stop()
+
+
+def machine_info() -> dict[str, Any]:
+    from importlib.metadata import version
+
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return {
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "packages": {p: version(p) for p in ("trio", "hypercorn", "quart-trio", "trio-websocket", "orjson", "cattrs")},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+    }
+
+
+def markdown_row(r: dict[str, Any]) -> str:
+    return (
+        f"| {r['devices']} | {r['rate_per_device']}/s x {r['samples_per_message']} | {r['duration_s']} s "
+        f"| {r['delivered']}/{r['sent']} | {r['stored']} | {'yes' if r['all_acked'] else 'NO'} "
+        f"| {r['latency_ms_p50']} / {r['latency_ms_p99']} / {r['latency_ms_max']} "
+        f"| {r['hub_cpu_s_per_1000_samples']} | {r['hub_cpu_percent']}% | {r['hub_rss_kb_per_connection']} |"
+    )
+
+
+HEADER = (
+    "| devices | rate | duration | delivered/sent | stored | all acked | latency ms p50 / p99 / max "
+    "| hub CPU-s per 1k samples | hub CPU | hub RSS KiB/conn |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devices", type=int, nargs="+", default=[1000])
+    parser.add_argument("--rate", type=float, default=1.0, help="messages per second per device")
+    parser.add_argument("--batch", type=int, default=1, help="samples per message")
+    parser.add_argument("--metrics", type=int, default=5)
+    parser.add_argument("--duration", type=float, default=30.0)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--hub-env", nargs="*", type=lambda s: tuple(s.split("=", 1)), help="EMS_X=value for the hub")
+    parser.add_argument("--label", default="steady")
+    parser.add_argument("--hub", help="use a running hub at http://127.0.0.1:PORT")
+    parser.add_argument("--hub-data", help="that hub's EMS_DATA_DIR parent (for the row count)")
+    parser.add_argument("--hub-pid", help="that hub's process id (for CPU and RSS)")
+    args = parser.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    results = []
+    print(f"fleet benchmark: {vars(args)}")
+    print(HEADER)
+    for count in args.devices:
+        one = argparse.Namespace(**{**vars(args), "devices": count})
+        result = trio.run(steady, one)
+        results.append(result)
+        print(markdown_row(result), flush=True)
+    out = {"machine": machine_info(), "args": vars(args), "results": results}
+    path = RESULTS / f"{args.label}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(out, indent=2))
+    print(f"written: {path}")
+    if any(r["delivered"] < r["sent"] or r["stored"] < r["sent"] or not r["all_acked"] for r in results):
+        print("LOSS: some samples were not delivered, stored or acked", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
