@@ -44,6 +44,9 @@ log = get_logger("ems.hub.device")
 
 QUERY_CREDENTIALS = frozenset({"token", "access_token", "auth", "key"})
 
+CLOSE_HANDSHAKE_S = 10.0
+"""How long a link the hub closed keeps reading (and discarding) until the device's close."""
+
 
 def bearer_token(scope: dict[str, Any]) -> str | None:
     for name, value in scope.get("headers", ()):
@@ -114,12 +117,15 @@ class DeviceConnection:
     session_id: str = attrs.field(init=False, factory=lambda: secrets.token_hex(8))
     connected_at: float = attrs.field(init=False)
     welcomed: bool = attrs.field(init=False, default=False)
+    inherits_online: bool = attrs.field(init=False, default=False)
+    """It replaced a connection of an online device: online already, before its `welcome`."""
     status: dict[str, Any] | None = attrs.field(init=False, default=None)
     """The device's last heartbeat `status`."""
     _wake: trio.Event = attrs.field(init=False, factory=trio.Event)
     _committed: trio.Event = attrs.field(init=False, factory=trio.Event)
     _close: tuple[CloseCode, str] | None = attrs.field(init=False, default=None)
     _close_sent: bool = attrs.field(init=False, default=False)
+    _disconnected: bool = attrs.field(init=False, default=False)
     _submitted: int = attrs.field(init=False, default=0)
     """The highest seq handed to the ingest writer (what the last `ack` must cover)."""
     _scope: trio.CancelScope | None = attrs.field(init=False, default=None)
@@ -138,6 +144,11 @@ class DeviceConnection:
             codec=hub.codec,
             wall_clock=hub.wall_clock,
         )
+
+    @property
+    def online(self) -> bool:
+        """The device counts as online (from its `welcome`, across replacements, to the end)."""
+        return self.welcomed or self.inherits_online
 
     @property
     def owner(self) -> str | None:
@@ -181,7 +192,7 @@ class DeviceConnection:
     async def run(self, receive: Any) -> None:
         hub = self.hub
         hub.counters.connections_total += 1
-        hub.unwelcomed.add(self)
+        hub.claim(self)
         try:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
@@ -196,7 +207,7 @@ class DeviceConnection:
                 await self._goodbye()
             raise
         finally:
-            if hub.release(self) and self.welcomed:
+            if hub.release(self) and self.online:
                 hub.publish_status(self.device_id, False)
             code = self._close[0] if self._close else None
             log.info(
@@ -205,10 +216,25 @@ class DeviceConnection:
                 session_id=self.session_id,
                 close_code=code,
             )
+        if self._close_sent and not self._disconnected:
+            await self._drain(receive)
+
+    async def _drain(self, receive: Any) -> None:
+        """Discard what the device still sends until its close (or a time limit).
+
+        The server queues incoming frames for the application in a small bounded queue; if we
+        stopped reading, a device that keeps sending after our close (one closed for flooding,
+        say) would fill it, the server would stop reading the socket, and neither the close
+        handshake nor the TCP connection would ever finish.
+        """
+        with trio.move_on_after(CLOSE_HANDSHAKE_S):
+            while (await receive())["type"] != "websocket.disconnect":
+                pass
 
     async def _reader(self, receive: Any) -> None:
+        hub = self.hub
         session = self.session
-        counters = self.hub.counters
+        counters = hub.counters
         while self._close is None:
             event = await receive()
             kind = event["type"]
@@ -217,11 +243,15 @@ class DeviceConnection:
                 if text is None:
                     text = event.get("bytes") or b""
                 counters.frames_in += 1
+                info = hub.devices.get(self.device_id)
+                if info is not None:  # any traffic counts (protocol.md §1, liveness)
+                    info.last_seen = hub.now_ms()
                 session.receive_text(text, trio.current_time())
                 await self._handle_events()
                 if session.wants_write:
                     self._wake.set()
             elif kind == "websocket.disconnect":
+                self._disconnected = True
                 return
 
     async def _writer(self) -> None:
@@ -290,6 +320,7 @@ class DeviceConnection:
                 await self._ingest(event.seq, event.message)
             elif isinstance(event, HeartbeatReceived):
                 self.status = event.heartbeat.status
+                await self._note_heartbeat()
             elif isinstance(event, HelloReceived):
                 await self._welcome(event.hello)
             elif isinstance(event, CloseConnection):
@@ -297,9 +328,6 @@ class DeviceConnection:
 
     async def _welcome(self, hello: m.Hello) -> None:
         hub = self.hub
-        older = hub.connections.get(self.device_id)
-        was_online = older is not None and older.welcomed
-        hub.claim(self)
         acked = await hub.ingest.acked_seq(self.device_id, hello.stream)
         if self._close is not None:  # replaced or revoked while we waited
             return
@@ -319,7 +347,7 @@ class DeviceConnection:
                 await hub.store.set_device_info(
                     self.device_id, firmware=hello.firmware, agent=hello.agent
                 )
-        if not was_online:
+        if not self.inherits_online:
             hub.publish_status(self.device_id, True)
         log.info(
             "device_connected",
@@ -328,6 +356,14 @@ class DeviceConnection:
             stream=hello.stream,
             acked_seq=acked,
         )
+
+    async def _note_heartbeat(self) -> None:
+        """Keep the stored `last_seen` of a device that only sends heartbeats current too."""
+        info = self.hub.devices.get(self.device_id)
+        if info is not None and info.last_seen is not None and self._close is None:
+            await self.hub.ingest.submit(
+                IngestItem(listener=None, device_id=self.device_id, last_seen=info.last_seen)
+            )
 
     async def _ingest(self, seq: int, message: m.ReliableMessage | None) -> None:
         """Hot path: fan the message out now, then queue it for the store."""

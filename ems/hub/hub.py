@@ -77,9 +77,7 @@ class Hub:
     alerts: AlertEvaluator = attrs.field(init=False, factory=AlertEvaluator)
     devices: dict[str, DeviceInfo] = attrs.field(init=False, factory=dict)
     connections: dict[str, DeviceConnection] = attrs.field(init=False, factory=dict)
-    """device_id -> its current connection (from `hello` on)."""
-    unwelcomed: set[DeviceConnection] = attrs.field(init=False, factory=set)
-    """Accepted connections that have not sent `hello` yet (the sweeper times them out)."""
+    """device_id -> its current connection (from the upgrade on; `welcomed` after `hello`)."""
     counters: Counters = attrs.field(init=False, factory=Counters)
     login_limiter: auth.LoginLimiter = attrs.field(init=False)
     store_ok: bool = attrs.field(init=False, default=True)
@@ -194,7 +192,7 @@ class Hub:
         while True:
             await trio.sleep(interval)
             now = trio.current_time()
-            for conn in [*self.unwelcomed, *self.connections.values()]:
+            for conn in list(self.connections.values()):
                 conn.check_timers(now)
 
     async def _purge_expired(self) -> None:
@@ -262,12 +260,10 @@ class Hub:
         return True
 
     def _close_device(self, device_id: str, code: CloseCode, reason: str) -> None:
-        # Also the links that were let in on the old credentials and have not said hello yet:
-        # otherwise their hello would still be welcomed.
-        waiting = [c for c in self.unwelcomed if c.device_id == device_id]
+        # The current connection, welcomed or still before its `hello` (older ones are closing).
         conn = self.connections.get(device_id)
-        for c in [*waiting, *([conn] if conn is not None else [])]:
-            c.request_close(code, reason)
+        if conn is not None:
+            conn.request_close(code, reason)
 
     async def user_for_token(self, token: str) -> UserRecord | None:
         """The user a login token belongs to, if it is a live one (device tokens never are)."""
@@ -319,7 +315,7 @@ class Hub:
             out.append(
                 {
                     "device_id": device_id,
-                    "online": conn is not None and conn.welcomed,
+                    "online": conn is not None and conn.online,
                     "last_seen": info.last_seen,
                     "latest": latest,
                 }
@@ -328,22 +324,23 @@ class Hub:
 
     def is_online(self, device_id: str) -> bool:
         conn = self.connections.get(device_id)
-        return conn is not None and conn.welcomed
+        return conn is not None and conn.online
 
     # --- registry ----------------------------------------------------------------------------
 
     def claim(self, conn: DeviceConnection) -> None:
-        """`conn` said hello: it becomes the device's connection; an older one is closed 4000."""
-        self.unwelcomed.discard(conn)
+        """`conn` was just accepted: it becomes the device's connection (one device, one
+        connection), and an older one is closed with 4000. The device stays online through
+        the change when the older one was."""
         older = self.connections.get(conn.device_id)
         self.connections[conn.device_id] = conn
         if older is not None and older is not conn:
+            conn.inherits_online = older.online
             self.counters.replaced += 1
             older.replaced_by_newer()
 
     def release(self, conn: DeviceConnection) -> bool:
         """`conn` ended; True when it was the device's current connection (now offline)."""
-        self.unwelcomed.discard(conn)
         if self.connections.get(conn.device_id) is conn:
             del self.connections[conn.device_id]
             return True

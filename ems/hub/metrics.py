@@ -38,6 +38,7 @@ class HubCollector(Collector):
             ("ems_samples_in", "Valid samples received", c.samples_in),
             ("ems_samples_rejected", "Samples rejected by validation", c.samples_rejected),
             ("ems_messages_rejected", "Reliable messages rejected whole", c.messages_rejected),
+            ("ems_acks_sent", "Cumulative acks sent to devices", c.acks_sent),
             ("ems_dashboard_frames_out", "Frames sent to dashboards", c.dashboard_frames_out),
             ("ems_auth_failures", "Refused device and dashboard handshakes", c.auth_failures),
             ("ems_device_connections", "Device connections accepted", c.connections_total),

@@ -509,10 +509,10 @@ class Codec:
         try:
             return self._conv.structure(obj, cls)
         except _EnvelopeFault as exc:
-            seq, ident = _readable_ids(obj)
+            seq, ident = _readable_ids(obj, cls)
             raise ProtocolError(f"{cls.TYPE}: {exc}", seq=seq, id=ident) from None
         except (cattrs.ClassValidationError, cattrs.IterableValidationError) as exc:
-            seq, ident = _readable_ids(obj)
+            seq, ident = _readable_ids(obj, cls)
             reasons = "; ".join(_describe(exc))
             raise ProtocolError(f"{cls.TYPE}: {reasons}", seq=seq, id=ident) from None
 
@@ -563,8 +563,10 @@ def _lenient_parse(text: str | bytes, exc: orjson.JSONDecodeError) -> Any:
     return obj
 
 
-def _readable_ids(obj: dict[str, Any]) -> tuple[int | None, str | None]:
-    seq = obj.get("seq")
+def _readable_ids(obj: dict[str, Any], cls: type | None = None) -> tuple[int | None, str | None]:
+    """The `seq` and `id` of a refused message, where they mean something: a stray `seq` on a
+    known unreliable type (hello, heartbeat) must not be acknowledged as a rejected message."""
+    seq = None if cls in (m.Hello, m.Heartbeat) else obj.get("seq")
     ident = obj.get("id")
     return (
         seq if type(seq) is int else None,

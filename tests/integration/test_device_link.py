@@ -267,8 +267,8 @@ async def test_no_hello_in_time_closes_4001(hub_factory: Any) -> None:
 
 @pytest.mark.parametrize(
     "first",
-    [telemetry(1), heartbeat(), {"type": "ack", "seq": 1}],
-    ids=["telemetry", "heartbeat", "unknown-on-this-link"],
+    [telemetry(1), heartbeat(), {"type": "ack", "seq": 1}, {"type": "hello", "stream": 7}],
+    ids=["telemetry", "heartbeat", "unknown-on-this-link", "invalid-hello"],
 )
 async def test_message_before_hello_closes_4001(shared_hub: HubProcess, first: Message) -> None:
     device_id, token = await new_device(shared_hub)
@@ -281,7 +281,37 @@ async def test_message_before_hello_closes_4001(shared_hub: HubProcess, first: M
     assert await stored(shared_hub, device_id) == []
 
 
+async def test_second_hello_closes_4001(shared_hub: HubProcess) -> None:
+    device_id, token = await new_device(shared_hub)
+    async with device_ws(shared_hub, device_id, token) as ws:
+        await hello(ws)
+        await send_json(ws, {"type": "hello", "stream": "other", "agent": "tests/1"})
+        code, messages = await until_closed(ws)
+    assert code == 4001
+    assert of_type(messages, "welcome") == []
+
+
 # --- reliable messages and acks ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"type": "event", "ts": 1000, "level": "warning", "code": "DOOR", "message": "open"},
+        {"type": "command_result", "id": "cmd-unknown", "status": "received"},
+        {"type": "config_applied", "version": 1, "status": "applied"},
+        {"type": "history", "request_id": None, "samples": [sample(1000, soc=50)], "final": True},
+    ],
+    ids=["event", "command_result", "config_applied", "history"],
+)
+async def test_every_reliable_type_is_acked(shared_hub: HubProcess, message: Message) -> None:
+    device_id, token = await new_device(shared_hub)
+    async with device_ws(shared_hub, device_id, token) as ws:
+        await hello(ws, stream="s")
+        await send_json(ws, {**message, "seq": 1})
+        assert await receive_json(ws) == {"type": "ack", "seq": 1}
+    async with device_ws(shared_hub, device_id, token) as ws:
+        assert (await hello(ws, stream="s"))["acked_seq"] == 1
 
 
 async def test_ack_comes_once_the_message_is_stored(shared_hub: HubProcess) -> None:
@@ -594,10 +624,29 @@ async def test_silent_device_is_closed_4002_and_a_live_one_is_not(hub_factory: A
     assert response.json()["online"] is False
 
 
+async def test_any_traffic_updates_last_seen(shared_hub: HubProcess) -> None:
+    device_id, token = await new_device(shared_hub)
+
+    async def last_seen() -> float:
+        response = await call(shared_hub.request, "GET", f"/api/devices/{device_id}")
+        return response.json()["last_seen"]  # type: ignore[no-any-return]
+
+    async with device_ws(shared_hub, device_id, token) as ws:
+        await hello(ws)
+        welcomed = await last_seen()
+        await send_json(ws, heartbeat())
+        await ws.send_message("{not json")  # answered: the heartbeat before it has been read
+        assert (await receive_json(ws))["type"] == "error"
+        assert await last_seen() > welcomed
+
+
 # --- one device, one connection -----------------------------------------------------------------
 
 
-async def test_second_connection_replaces_the_first_4000(shared_hub: HubProcess) -> None:
+@pytest.mark.parametrize("hello_first", [False, True], ids=["at-upgrade", "after-hello"])
+async def test_second_connection_replaces_the_first_4000(
+    shared_hub: HubProcess, hello_first: bool
+) -> None:
     device_id, token = await new_device(shared_hub)
     admin = await call(shared_hub.admin_token)
     async with dashboard_ws(shared_hub, admin) as dashboard:
@@ -608,9 +657,12 @@ async def test_second_connection_replaces_the_first_4000(shared_hub: HubProcess)
             await send_json(first, telemetry(1))
             await until_ack(first, 1)
             async with device_ws(shared_hub, device_id, token) as second:
-                welcome = await hello(second)
+                # The older link is closed once the newer one is accepted (101), whether or
+                # not the newer one has said hello yet.
+                welcome = await hello(second) if hello_first else None
                 code, _ = await until_closed(first)
                 assert code == 4000
+                welcome = welcome or await hello(second)
                 assert welcome["acked_seq"] == 1
                 await send_json(second, telemetry(2))
                 assert await receive_until(second, "ack") == {"type": "ack", "seq": 2}
@@ -620,6 +672,26 @@ async def test_second_connection_replaces_the_first_4000(shared_hub: HubProcess)
     assert statuses.count(False) == 1
     assert [u["seq"] for u in of_type(seen, "telemetry_update")] == [1, 2]
     assert seen.index(of_type(seen, "telemetry_update")[-1]) < len(seen) - 1
+
+
+async def test_replacement_that_never_says_hello_leaves_the_device_offline(
+    shared_hub: HubProcess,
+) -> None:
+    device_id, token = await new_device(shared_hub)
+    admin = await call(shared_hub.admin_token)
+    async with dashboard_ws(shared_hub, admin) as dashboard:
+        await subscribe(dashboard, device_id)
+        async with device_ws(shared_hub, device_id, token) as first:
+            await hello(first)
+            await dashboard_until(dashboard, is_status(device_id, True))
+            async with device_ws(shared_hub, device_id, token) as second:
+                assert (await until_closed(first))[0] == 4000
+                await send_json(second, telemetry(1))  # not a hello: 4001
+                assert (await until_closed(second))[0] == 4001
+        seen = await dashboard_until(dashboard, is_status(device_id, False))
+    assert [msg["online"] for msg in of_type(seen, "device_status")] == [False]
+    response = await call(shared_hub.request, "GET", f"/api/devices/{device_id}")
+    assert response.json()["online"] is False
 
 
 # --- revocation ---------------------------------------------------------------------------------
@@ -678,11 +750,14 @@ async def test_heartbeat_flood_gets_errors_then_closes_4008(hub_factory: Any) ->
             except ConnectionClosed:
                 return
 
-    async with device_ws(hub, device_id, token) as ws:
-        await hello(ws)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(flood, ws)
-            code, messages = await until_closed(ws)
+    # The guard covers the flooder too, and the close handshake: a hub that stops reading
+    # once it has closed would leave this device blocked in a send for ever.
+    with trio.fail_after(HANG_GUARD_S):
+        async with device_ws(hub, device_id, token) as ws:
+            await hello(ws)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(flood, ws)
+                code, messages = await until_closed(ws)
     assert code == 4008
     errors = of_type(messages, "error")
     assert errors

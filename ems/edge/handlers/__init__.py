@@ -1,0 +1,1 @@
+"""Built-in handlers, one file per hub-to-device message type."""
