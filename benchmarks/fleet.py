@@ -24,7 +24,6 @@ import random
 import re
 import signal
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -134,6 +133,24 @@ class HubUnderTest:
         self.process.wait()
 
 
+async def create_devices(http: str, count: int) -> list[SimDevice]:
+    async with httpx.AsyncClient(base_url=http, timeout=60) as client:
+        login = await client.post(
+            "/api/auth/login", json={"username": "admin", "password": ADMIN_PASSWORD}
+        )
+        token = login.json()["token"]
+        client.headers["Authorization"] = f"Bearer {token}"
+        devices = []
+        for i in range(count):
+            device_id = f"bench-{i:05d}"
+            response = await client.post("/api/devices", json={"device_id": device_id})
+            if response.status_code == 409:
+                response = await client.post(f"/api/devices/{device_id}/token")
+            response.raise_for_status()
+            devices.append(SimDevice(device_id, response.json()["token"], admin_token=token))
+        return devices
+
+
 def cpu_seconds(pids: Sequence[int]) -> float:
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0.0
@@ -159,6 +176,7 @@ def rss_bytes(pids: Sequence[int]) -> int:
 class SimDevice:
     device_id: str
     token: str
+    admin_token: str = ""
     sent: int = 0
     acked_seq: int = 0
     last_seq: int = 0
@@ -176,98 +194,139 @@ class Fleet:
     stop_sending: trio.Event = attrs.field(factory=trio.Event)
     online: int = 0
     all_online: trio.Event = attrs.field(factory=trio.Event)
+    all_acked: trio.Event = attrs.field(factory=trio.Event)
+
+    def unacked(self) -> int:
+        return sum(1 for d in self.devices if d.acked_seq < d.last_seq)
 
     async def run_device(self, device: SimDevice, start_delay: float) -> None:
+        """One simulated device: connect, stream, reconnect on failure, until all is acked."""
         await trio.sleep(start_delay)
-        seqs = SeqAllocator()
-        outbox: dict[int, str] = {}
-        record = CommandRecord()
-        rng = random.Random(device.device_id)
-        counted_online = False
-        while not (self.stop_sending.is_set() and not outbox):
+        state = SimState(device=device, rng=random.Random(device.device_id))
+        while not (self.stop_sending.is_set() and not state.outbox):
             try:
                 async with open_websocket_url(
                     f"{self.url}/ws/device/{device.device_id}",
                     extra_headers=[("Authorization", f"Bearer {device.token}")],
                 ) as ws:
                     device.connects += 1
-                    session = DeviceSession(
-                        hello=m.Hello(stream=f"bench-{device.device_id}", agent="ems-bench/1"),
-                        now=trio.current_time(),
-                        record=record,
-                        codec=CODEC,
-                        wall_clock=time.time,
-                    )
-                    for text in session.data_to_send():
-                        await ws.send_message(text)
-                    async with trio.open_nursery() as nursery:
-
-                        async def reader() -> None:
-                            nonlocal counted_online
-                            while True:
-                                text = await ws.get_message()
-                                session.receive_text(text, trio.current_time())
-                                while (event := session.next_event()) is not None:
-                                    if isinstance(event, Acked):
-                                        for seq in [s for s in outbox if s <= event.seq]:
-                                            del outbox[seq]
-                                        device.acked_seq = max(device.acked_seq, event.seq)
-                                        if not counted_online:
-                                            counted_online = True
-                                            self.online += 1
-                                            if self.online == len(self.devices):
-                                                self.all_online.set()
-                                    elif isinstance(event, LinkDead):
-                                        raise ConnectionError(event.reason)
-                                await flush()
-                                if self.stop_sending.is_set() and not outbox:
-                                    nursery.cancel_scope.cancel()
-
-                        async def flush() -> None:
-                            if session.state.value == "open":
-                                for seq in sorted(s for s in outbox if s > session.sent_high):
-                                    if session.window_free() <= 0:
-                                        break
-                                    session.send_reliable(seq, outbox[seq], trio.current_time())
-                            for text in session.data_to_send():
-                                await ws.send_message(text)
-
-                        async def producer() -> None:
-                            interval = 1.0 / self.rate
-                            next_at = trio.current_time()
-                            while not self.stop_sending.is_set():
-                                now_ms = time.time() * 1000.0
-                                samples = tuple(
-                                    m.Sample(
-                                        ts=now_ms + i * 0.001,
-                                        data={
-                                            f"m{k}": round(rng.uniform(0, 100), 2)
-                                            for k in range(self.metrics)
-                                        },
-                                    )
-                                    for i in range(self.samples_per_message)
-                                )
-                                seq = seqs.next()
-                                outbox[seq] = CODEC.encode(m.Telemetry(seq=seq, samples=samples))
-                                device.sent += len(samples)
-                                device.last_seq = seq
-                                await flush()
-                                next_at += interval
-                                await trio.sleep_until(next_at)
-
-                        async def ticker() -> None:
-                            while True:
-                                await trio.sleep(1.0)
-                                session.handle_timer(trio.current_time())
-                                await flush()
-
-                        nursery.start_soon(reader)
-                        nursery.start_soon(ticker)
-                        if not self.stop_sending.is_set():
-                            nursery.start_soon(producer)
-            except (OSError, HandshakeError, ConnectionClosed, ConnectionError, trio.BrokenResourceError):
+                    await SimConnection(self, state, ws).run()
+            except (
+                OSError,
+                HandshakeError,
+                ConnectionClosed,
+                ConnectionError,
+                trio.BrokenResourceError,
+            ):
                 device.refused += 1
-                await trio.sleep(rng.uniform(0.5, 2.0))
+                await trio.sleep(state.rng.uniform(0.5, 2.0))
+
+    def device_acked(self, state: SimState) -> None:
+        if not state.counted_online:
+            state.counted_online = True
+            self.online += 1
+            if self.online == len(self.devices):
+                self.all_online.set()
+        if self.stop_sending.is_set() and self.unacked() == 0:
+            self.all_acked.set()
+
+
+@attrs.define(eq=False)
+class SimState:
+    """What a simulated device keeps across its connections (its outbox, its seqs)."""
+
+    device: SimDevice
+    rng: random.Random
+    seqs: SeqAllocator = attrs.field(factory=SeqAllocator)
+    outbox: dict[int, str] = attrs.field(factory=dict)
+    record: CommandRecord = attrs.field(factory=CommandRecord)
+    counted_online: bool = False
+
+
+@attrs.define(eq=False)
+class SimConnection:
+    fleet: Fleet
+    state: SimState
+    ws: Any
+    session: DeviceSession = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        device = self.state.device
+        self.session = DeviceSession(
+            hello=m.Hello(stream=f"bench-{device.device_id}", agent="ems-bench/1"),
+            now=trio.current_time(),
+            record=self.state.record,
+            codec=CODEC,
+            wall_clock=time.time,
+        )
+
+    async def run(self) -> None:
+        await self.flush()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.reader, nursery.cancel_scope)
+            nursery.start_soon(self.ticker)
+            if not self.fleet.stop_sending.is_set():
+                nursery.start_soon(self.producer)
+
+    async def flush(self) -> None:
+        session = self.session
+        outbox = self.state.outbox
+        if session.state.value == "open":
+            for seq in sorted(s for s in outbox if s > session.sent_high):
+                if session.window_free() <= 0:
+                    break
+                session.send_reliable(seq, outbox[seq], trio.current_time())
+        for text in session.data_to_send():
+            await self.ws.send_message(text)
+
+    async def reader(self, scope: trio.CancelScope) -> None:
+        session = self.session
+        state = self.state
+        while True:
+            text = await self.ws.get_message()
+            session.receive_text(text, trio.current_time())
+            while (event := session.next_event()) is not None:
+                if isinstance(event, Acked):
+                    for seq in [s for s in state.outbox if s <= event.seq]:
+                        del state.outbox[seq]
+                    state.device.acked_seq = max(state.device.acked_seq, event.seq)
+                    self.fleet.device_acked(state)
+                elif isinstance(event, LinkDead):
+                    raise ConnectionError(event.reason)
+            await self.flush()
+            if self.fleet.stop_sending.is_set() and not state.outbox:
+                scope.cancel()
+
+    async def producer(self) -> None:
+        fleet = self.fleet
+        state = self.state
+        device = state.device
+        interval = 1.0 / fleet.rate
+        next_at = trio.current_time()
+        while not fleet.stop_sending.is_set():
+            now_ms = time.time() * 1000.0
+            samples = tuple(
+                m.Sample(
+                    ts=now_ms + i * 0.001,
+                    data={
+                        f"m{k}": round(state.rng.uniform(0, 100), 2) for k in range(fleet.metrics)
+                    },
+                )
+                for i in range(fleet.samples_per_message)
+            )
+            seq = state.seqs.next()
+            state.outbox[seq] = CODEC.encode(m.Telemetry(seq=seq, samples=samples))
+            device.sent += len(samples)
+            device.last_seq = seq
+            await self.flush()
+            next_at += interval
+            await trio.sleep_until(next_at)
+
+    async def ticker(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            self.session.handle_timer(trio.current_time())
+            await self.flush()
 
 
 @attrs.define(eq=False)
@@ -278,6 +337,13 @@ class DashboardProbe:
     received: int = 0
     lagged: int = 0
     ready: trio.Event = attrs.field(factory=trio.Event)
+    all_received: trio.Event = attrs.field(factory=trio.Event)
+    expected: float = float("inf")
+
+    def expect(self, total: int) -> None:
+        self.expected = total
+        if self.received >= total:
+            self.all_received.set()
 
     async def run(self) -> None:
         async with open_websocket_url(
@@ -293,6 +359,8 @@ class DashboardProbe:
                     if kind == "telemetry_update":
                         self.received += 1
                         self.latencies_ms.append(now_ms - item["ts"])
+                        if self.received >= self.expected:
+                            self.all_received.set()
                     elif kind == "subscribed":
                         self.ready.set()
                     elif kind == "lagged":
@@ -321,20 +389,13 @@ async def steady(args: argparse.Namespace) -> dict[str, Any]:
     url = f"ws://127.0.0.1:{hub.port}"
     http = f"http://127.0.0.1:{hub.port}"
     try:
-        client = httpx.Client(base_url=http, timeout=60)
-        token = client.post(
-            "/api/auth/login", json={"username": "admin", "password": ADMIN_PASSWORD}
-        ).json()["token"]
-        client.headers["Authorization"] = f"Bearer {token}"
-        devices = []
-        for i in range(args.devices):
-            device_id = f"bench-{i:05d}"
-            response = client.post("/api/devices", json={"device_id": device_id})
-            response.raise_for_status()
-            devices.append(SimDevice(device_id, response.json()["token"]))
+        devices = await create_devices(http, args.devices)
+        token = devices[0].admin_token if devices else ""
         pids = hub.worker_pids() if hub.process is not None else [int(args.hub_pid)]
         rss_before = rss_bytes(pids)
-        fleet = Fleet(url, devices, rate=args.rate, metrics=args.metrics, samples_per_message=args.batch)
+        fleet = Fleet(
+            url, devices, rate=args.rate, metrics=args.metrics, samples_per_message=args.batch
+        )
         probe = DashboardProbe(url, token)
         result: dict[str, Any] = {}
         async with trio.open_nursery() as nursery:
@@ -359,12 +420,18 @@ async def steady(args: argparse.Namespace) -> dict[str, Any]:
             fleet.stop_sending.set()
             # Everything sent must be acked, and reach the dashboard.
             total_sent = sum(d.sent for d in devices)
+            probe.expect(total_sent)
             with trio.move_on_after(60):
-                while any(d.acked_seq < d.last_seq for d in devices) or probe.received < total_sent:
-                    await trio.sleep(0.1)
+                if fleet.unacked():
+                    await fleet.all_acked.wait()
+                await probe.all_received.wait()
             nursery.cancel_scope.cancel()
         hub.stop()
-        stored = sqlite3.connect(workdir / "data" / "ems.db").execute("SELECT count(*) FROM telemetry").fetchone()[0]
+        stored = (
+            sqlite3.connect(workdir / "data" / "ems.db")
+            .execute("SELECT count(*) FROM telemetry")
+            .fetchone()[0]
+        )
         lat = probe.latencies_ms
         result.update(
             {
@@ -389,7 +456,9 @@ async def steady(args: argparse.Namespace) -> dict[str, Any]:
                 "hub_cpu_s_per_1000_samples": round(1000 * cpu_used / max(sent_window, 1), 4),
                 "hub_cpu_percent": round(100 * cpu_used / args.duration, 1),
                 "hub_rss_mb": round(rss_connected / 2**20, 1),
-                "hub_rss_kb_per_connection": round((rss_connected - rss_before) / 1024 / max(args.devices, 1), 1),
+                "hub_rss_kb_per_connection": round(
+                    (rss_connected - rss_before) / 1024 / max(args.devices, 1), 1
+                ),
             }
         )
         return result
@@ -409,36 +478,53 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "cpu": cpu,
         "cores": os.cpu_count(),
-        "packages": {p: version(p) for p in ("trio", "hypercorn", "quart-trio", "trio-websocket", "orjson", "cattrs")},
+        "packages": {
+            p: version(p)
+            for p in ("trio", "hypercorn", "quart-trio", "trio-websocket", "orjson", "cattrs")
+        },
         "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }
 
 
 def markdown_row(r: dict[str, Any]) -> str:
-    return (
-        f"| {r['devices']} | {r['rate_per_device']}/s x {r['samples_per_message']} | {r['duration_s']} s "
-        f"| {r['delivered']}/{r['sent']} | {r['stored']} | {'yes' if r['all_acked'] else 'NO'} "
-        f"| {r['latency_ms_p50']} / {r['latency_ms_p99']} / {r['latency_ms_max']} "
-        f"| {r['hub_cpu_s_per_1000_samples']} | {r['hub_cpu_percent']}% | {r['hub_rss_kb_per_connection']} |"
-    )
+    cells = [
+        r["devices"],
+        f"{r['rate_per_device']}/s x {r['samples_per_message']}",
+        f"{r['duration_s']} s",
+        f"{r['delivered']}/{r['sent']}",
+        r["stored"],
+        "yes" if r["all_acked"] else "NO",
+        f"{r['latency_ms_p50']} / {r['latency_ms_p99']} / {r['latency_ms_max']}",
+        r["hub_cpu_s_per_1000_samples"],
+        f"{r['hub_cpu_percent']}%",
+        r["hub_rss_kb_per_connection"],
+    ]
+    return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
 HEADER = (
-    "| devices | rate | duration | delivered/sent | stored | all acked | latency ms p50 / p99 / max "
-    "| hub CPU-s per 1k samples | hub CPU | hub RSS KiB/conn |\n"
+    "| devices | rate | duration | delivered/sent | stored | all acked "
+    "| latency ms p50 / p99 / max | hub CPU-s per 1k samples | hub CPU | hub RSS KiB/conn |\n"
     "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--devices", type=int, nargs="+", default=[1000])
     parser.add_argument("--rate", type=float, default=1.0, help="messages per second per device")
     parser.add_argument("--batch", type=int, default=1, help="samples per message")
     parser.add_argument("--metrics", type=int, default=5)
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--hub-env", nargs="*", type=lambda s: tuple(s.split("=", 1)), help="EMS_X=value for the hub")
+    parser.add_argument(
+        "--hub-env",
+        nargs="*",
+        type=lambda s: tuple(s.split("=", 1)),
+        help="EMS_X=value for the hub",
+    )
     parser.add_argument("--label", default="steady")
     parser.add_argument("--hub", help="use a running hub at http://127.0.0.1:PORT")
     parser.add_argument("--hub-data", help="that hub's EMS_DATA_DIR parent (for the row count)")
@@ -457,7 +543,9 @@ def main() -> None:
     path = RESULTS / f"{args.label}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(out, indent=2))
     print(f"written: {path}")
-    if any(r["delivered"] < r["sent"] or r["stored"] < r["sent"] or not r["all_acked"] for r in results):
+    if any(
+        r["delivered"] < r["sent"] or r["stored"] < r["sent"] or not r["all_acked"] for r in results
+    ):
         print("LOSS: some samples were not delivered, stored or acked", file=sys.stderr)
         sys.exit(1)
 
