@@ -23,9 +23,12 @@ test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) benchmarks/codec.py
+	$(PY) benchmarks/codec.py --seconds 1
+	$(PY) benchmarks/fleet.py --devices 200 --duration 10 --label bench
 
-bench-full: bench
+bench-full: $(STAMP)
+	$(PY) benchmarks/codec.py
+	$(PY) benchmarks/fleet.py --devices 500 1000 2000 --duration 30 --label steady
 
 clean:
 	rm -rf $(VENV) .pytest_cache tests/artifacts
