@@ -64,6 +64,7 @@ class Agent:
     started_at: float = attrs.field(init=False, default=0.0)
     _nursery: trio.Nursery | None = attrs.field(init=False, default=None)
     _sampling: trio.CancelScope = attrs.field(init=False, factory=trio.CancelScope)
+    _sampler_done: trio.Event = attrs.field(init=False, factory=trio.Event)
 
     @property
     def device_id(self) -> str:
@@ -114,6 +115,9 @@ class Agent:
     async def stop(self, flush_s: float = SHUTDOWN_FLUSH_S) -> None:
         """Stop sampling, give the link `flush_s` to empty the outbox, then end `run`."""
         self._sampling.cancel()
+        # A batch being handed over finishes first (it is shielded), so the buffered ones
+        # that follow get later seqs, as their later `ts` say they should.
+        await self._sampler_done.wait()
         for batch in self.sampler.take_buffered():
             await self._on_batch(batch)
         with trio.move_on_after(flush_s):
@@ -188,8 +192,11 @@ class Agent:
             self.scheduler.add(name, settings.jobs[name], job, jitter_s=settings.job_jitter(name))
 
     async def _run_sampler(self) -> None:
-        with self._sampling:
-            await self.sampler.run()
+        try:
+            with self._sampling:
+                await self.sampler.run()
+        finally:
+            self._sampler_done.set()
 
     async def _link_loop(self) -> None:
         backoff = Backoff(base=1.0, cap=60.0, rng=self.rng)
@@ -301,11 +308,16 @@ class Agent:
     async def _on_batch(self, samples: list[dict[str, Any]]) -> None:
         if not samples:
             return
-        await self.history.add(samples)
         telemetry = m.Telemetry(
             seq=0, samples=tuple(m.Sample(ts=s["ts"], data=s["data"]) for s in samples)
         )
-        await self.enqueue([telemetry])
+        # Both writes or neither: a cancellation (shutdown) between them would leave samples in
+        # the history that were never queued for the hub. The outbox goes first because it is
+        # the copy that must not lose data: a `kill -9` in between costs the history a batch
+        # the hub still gets, never the hub a batch the history has.
+        with trio.CancelScope(shield=True):
+            await self.enqueue([telemetry])
+            await self.history.add(samples)
 
     async def _prune_history(self) -> None:
         await self.history.prune(self.wall_clock() * 1000)

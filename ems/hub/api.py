@@ -421,7 +421,6 @@ async def delete_device(_: UserRecord, device_id: str) -> Response:
     h = hub()
     if not await h.delete_device(device_id):
         raise ApiError(404, "DEVICE_NOT_FOUND", f"no device {device_id!r}")
-    h.fanout.forget_device(device_id)
     return Response(status=204)
 
 

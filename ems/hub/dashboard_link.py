@@ -77,6 +77,14 @@ class DashboardConnection:
                 nursery.start_soon(self._writer)
                 await self._reader(receive)
                 nursery.cancel_scope.cancel()
+        except* trio.Cancelled:
+            # Cancelled from outside: the hub is shutting down. Say so (1001), briefly; the
+            # page reconnects by itself.
+            with trio.move_on_after(1, shield=True):
+                await self.send(
+                    {"type": "websocket.close", "code": 1001, "reason": "hub shutting down"}
+                )
+            raise
         finally:
             hub.fanout.remove(self.subscriber)
             log.info("dashboard_disconnected", username=self.user.username)

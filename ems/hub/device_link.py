@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 log = get_logger("ems.hub.device")
 
+ACK_PREFIX = '{"type":"ack"'
 QUERY_CREDENTIALS = frozenset({"token", "access_token", "auth", "key"})
 
 CLOSE_HANDSHAKE_S = 10.0
@@ -265,9 +266,11 @@ class DeviceConnection:
             # with frames of its own (the `error` that explains it), sent on the next turn.
             closing = self._close
             frames = session.data_to_send()
+            counters.frames_out += len(frames)
+            if frames and frames[-1].startswith(ACK_PREFIX):  # the ack, if any, goes last
+                counters.acks_sent += 1
             for text in frames:
                 await send({"type": "websocket.send", "text": text})
-            counters.frames_out += len(frames)
             if closing is not None:
                 code, reason = closing
                 self._close_sent = True

@@ -255,6 +255,8 @@ class Hub:
             return False
         self.devices.pop(device_id, None)
         self.alerts.forget(device_id)
+        # A device re-created under this id may belong to someone else: end the subscriptions.
+        self.fanout.forget_device(device_id)
         self._close_device(device_id, CloseCode.REVOKED, "device deleted")
         log.info("device_deleted", device_id=device_id)
         return True

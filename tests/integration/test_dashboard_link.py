@@ -46,16 +46,12 @@ class Inbox:
     def __init__(self, ws: WebSocketConnection) -> None:
         self.ws = ws
         self.pending: deque[Message] = deque()
-        self.frames = 0
-        self.batches = 0
 
     async def next(self) -> Message:
         with trio.fail_after(HANG_GUARD_S):
             while not self.pending:
                 frame = orjson.loads(await self.ws.get_message())
-                self.frames += 1
                 if frame["type"] == "batch":
-                    self.batches += 1
                     self.pending.extend(frame["messages"])
                 else:
                     self.pending.append(frame)
@@ -652,3 +648,22 @@ async def test_batches_stay_within_the_frame_limit(hub: HubProcess) -> None:
             await dev.telemetry(samples)
             updates = [await inbox.first("telemetry_update") for _ in samples]
     assert [u["ts"] for u in updates] == list(range(1000))
+
+
+async def test_hub_shutdown_closes_dashboards_with_1001(hub: HubProcess) -> None:
+    admin = await call(hub.admin_token)
+    headers = [("Authorization", f"Bearer {admin}")]
+    async with open_websocket_url(f"{hub.ws}/ws/dashboard", extra_headers=headers) as ws:
+        await send_json(ws, {"type": "subscribe", "devices": ["*"]})
+        with trio.fail_after(HANG_GUARD_S):
+            assert orjson.loads(await ws.get_message())["type"] == "subscribed"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call, hub.stop)
+            with trio.fail_after(HANG_GUARD_S), pytest.raises(ConnectionClosed) as closed:
+                await _read_until_closed(ws)
+    assert closed.value.reason.code == 1001
+
+
+async def _read_until_closed(ws: WebSocketConnection) -> None:
+    while True:
+        await ws.get_message()

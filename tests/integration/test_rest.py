@@ -106,6 +106,36 @@ def test_metrics_from_loopback_need_no_login(hub: HubProcess) -> None:
     assert "ems_auth_failures_total" in text
 
 
+def metric_value(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+async def test_metrics_count_device_traffic(hub: HubProcess) -> None:
+    token = await call(hub.create_device, "dev-1")
+    async with device_ws(hub, "dev-1", token) as ws:
+        await hello(ws)
+        await send_telemetry(ws, 1, [{"ts": 1, "data": {"voltage": 1.0}}])
+        await send_telemetry(ws, 2, [{"ts": 2, "data": {"voltage": "high"}}])
+        text = (await call(httpx.get, f"{hub.http}/metrics")).text
+    assert metric_value(text, "ems_connected_devices") == 1
+    assert metric_value(text, "ems_frames_in_total") >= 3
+    assert metric_value(text, "ems_samples_in_total") >= 1
+    assert metric_value(text, "ems_samples_rejected_total") == 1
+    assert metric_value(text, "ems_store_batches_total") >= 1
+
+
+async def test_metrics_count_acks(hub: HubProcess) -> None:
+    token = await call(hub.create_device, "dev-1")
+    async with device_ws(hub, "dev-1", token) as ws:
+        await hello(ws)
+        await send_telemetry(ws, 1, [{"ts": 1, "data": {"voltage": 1.0}}])
+        text = (await call(httpx.get, f"{hub.http}/metrics")).text
+    assert metric_value(text, "ems_acks_sent_total") >= 1
+
+
 # --- login, logout, rate limit ------------------------------------------------------------------
 
 
