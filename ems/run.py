@@ -104,7 +104,18 @@ def main() -> int:
     password = admin_password(data_dir)
     env = {**os.environ, "EMS_DATA_DIR": str(data_dir), "EMS_ADMIN_PASSWORD": password}
     hub = subprocess.Popen(
-        [sys.executable, "-m", "hypercorn", "-k", "trio", "-b", f"{HOST}:{PORT}", "ems.hub:app"],
+        [
+            sys.executable,
+            "-m",
+            "hypercorn",
+            "-k",
+            "trio",
+            "-b",
+            f"{HOST}:{PORT}",
+            "--websocket-ping-interval",
+            "20",
+            "ems.hub:app",
+        ],  # fmt: skip
         env=env,
         start_new_session=True,
     )
