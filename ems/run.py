@@ -115,7 +115,7 @@ def main() -> int:
             "--websocket-ping-interval",
             "20",
             "ems.hub:app",
-        ],  # fmt: skip
+        ],
         env=env,
         start_new_session=True,
     )
