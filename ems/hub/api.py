@@ -19,12 +19,19 @@ from quart import Blueprint, Response, current_app, request
 
 from ems.hub import auth
 from ems.hub.alerts import RuleError, parse_rules
+from ems.hub.commands import (
+    Delivery,
+    DeviceOffline,
+    TooManyPending,
+    command_json,
+    config_json,
+)
 from ems.hub.dashboard_link import SESSION_COOKIE
 from ems.hub.hub import Hub
 from ems.hub.metrics import render_metrics
 from ems.hub.store import Conflict, SessionRecord, StoreError, UserRecord
 from ems.logs import get_logger
-from ems.protocol.codec import DEVICE_ID
+from ems.protocol.codec import COMMAND_NAME, DEVICE_ID
 
 log = get_logger("ems.hub.api")
 api = Blueprint("api", __name__)
@@ -371,7 +378,10 @@ def _device_json(record: Any) -> dict[str, Any]:
         "last_seen": (info.last_seen if info else None) or record.last_seen,
         "firmware": (info.firmware if info else None) or record.firmware,
         "agent": record.agent,
-        "config": {"desired_version": None, "reported_version": None},
+        "config": {
+            "desired_version": info.desired_config_version if info else None,
+            "reported_version": info.reported_config_version if info else None,
+        },
     }
 
 
@@ -609,3 +619,136 @@ async def notify_user(_: UserRecord, username: str) -> Response:
 
 def now_ms() -> float:
     return time.time() * 1000.0
+
+
+# --- device control (commands, config, history requests) ---------------------------------------
+
+
+def _command_error(exc: Exception, device_id: str) -> ApiError:
+    if isinstance(exc, DeviceOffline):
+        return ApiError(409, "CONFLICT", f"device {device_id!r} is offline (online-only)")
+    cap = hub().settings.max_pending_commands
+    return ApiError(
+        429, "RATE_LIMIT_EXCEEDED", f"device {device_id!r} already holds {cap} pending commands"
+    )
+
+
+def _expires_in(body: dict[str, Any]) -> float | None:
+    value = body.get("expires_in_s")
+    if value is None:
+        return None
+    if type(value) not in (int, float) or not 0 < value <= 30 * 86_400:
+        raise ApiError(
+            422, "INVALID_MESSAGE_FORMAT", "expires_in_s: a number of seconds, 0 to 30 days"
+        )
+    return float(value)
+
+
+async def _create(device_id: str, **kwargs: Any) -> Response:
+    try:
+        row = await hub().commands.create(device_id, **kwargs)
+    except (DeviceOffline, TooManyPending) as exc:
+        raise _command_error(exc, device_id) from None
+    return json_response(command_json(row), 202)
+
+
+@api.post("/api/devices/<device_id>/commands")
+@requires("operator")
+async def post_command(user: UserRecord, device_id: str) -> Response:
+    body = await json_object()
+    visible_device(user, device_id)
+    name = field(body, "name", str)
+    if not COMMAND_NAME.fullmatch(name):
+        raise ApiError(422, "INVALID_MESSAGE_FORMAT", "name: must match ^[a-z][a-z0-9_]{0,63}$")
+    params = field(body, "params", dict, required=False) or {}
+    return await _create(
+        device_id,
+        kind="command",
+        name=name,
+        params=params,
+        fields={"name": name, "params": params},
+        expires_in_s=_expires_in(body),
+    )
+
+
+@api.get("/api/devices/<device_id>/commands")
+@requires("viewer")
+async def list_commands(user: UserRecord, device_id: str) -> Response:
+    visible_device(user, device_id)
+    rows = await hub().store.list_commands(device_id, limit=500)
+    return json_response({"commands": [command_json(r) for r in rows]})
+
+
+@api.get("/api/commands/<command_id>")
+@requires("viewer")
+async def get_command(user: UserRecord, command_id: str) -> Response:
+    row = await hub().store.get_command(command_id)
+    if row is None or not hub().can_see(user.username, user.role == "admin", row.device_id):
+        raise ApiError(404, "NOT_FOUND", f"no command {command_id!r}")
+    return json_response(command_json(row))
+
+
+@api.get("/api/devices/<device_id>/config")
+@requires("viewer")
+async def get_config(user: UserRecord, device_id: str) -> Response:
+    visible_device(user, device_id)
+    return json_response(config_json(await hub().store.get_config(device_id)))
+
+
+@api.put("/api/devices/<device_id>/config")
+@requires("operator")
+async def put_config(user: UserRecord, device_id: str) -> Response:
+    body = await json_object()
+    visible_device(user, device_id)
+    config = field(body, "config", dict)
+    state = await hub().commands.put_config(device_id, config)
+    return json_response(config_json(state))
+
+
+@api.post("/api/devices/<device_id>/history-request")
+@requires("operator")
+async def history_request(user: UserRecord, device_id: str) -> Response:
+    body = await json_object()
+    visible_device(user, device_id)
+    start = field(body, "from", (int, float))
+    end = field(body, "to", (int, float))
+    if end < start:
+        raise ApiError(422, "INVALID_MESSAGE_FORMAT", "to: must not be before from")
+    metrics = body.get("metrics")
+    if metrics is not None and (
+        not isinstance(metrics, list) or not all(isinstance(x, str) for x in metrics)
+    ):
+        raise ApiError(422, "INVALID_MESSAGE_FORMAT", "metrics: expected an array of names")
+    fields: dict[str, Any] = {"from": start, "to": end}
+    if metrics:
+        fields["metrics"] = metrics
+    return await _create(
+        device_id,
+        kind="history_request",
+        name="history_request",
+        params=dict(fields),
+        fields=fields,
+        expires_in_s=_expires_in(body),
+    )
+
+
+@api.post("/api/realtime/device/<device_id>")
+@requires("admin")
+async def notify_device(_: UserRecord, device_id: str) -> Response:
+    event, data = _event_body(await json_object())
+    if not hub().can_see("", True, device_id):
+        raise ApiError(404, "DEVICE_NOT_FOUND", f"no device {device_id!r}")
+    if not COMMAND_NAME.fullmatch(event):
+        raise ApiError(422, "INVALID_MESSAGE_FORMAT", "event: must match ^[a-z][a-z0-9_]{0,63}$")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ApiError(422, "INVALID_MESSAGE_FORMAT", "data: expected an object (the params)")
+    return await _create(
+        device_id,
+        kind="command",
+        name=event,
+        params=data,
+        fields={"name": event, "params": data},
+        delivery=Delivery.ONLINE_ONLY,
+    )

@@ -180,6 +180,14 @@ class DeviceConnection:
             self._handle_close_events()
             self._wake.set()
 
+    def send_payload(self, payload: dict[str, Any]) -> bool:
+        """Queue a hub-to-device message already in wire form; False when not open."""
+        if self.session.state is not LinkState.OPEN or self._close is not None:
+            return False
+        self.session.send_text(orjson.dumps(payload).decode())
+        self._wake.set()
+        return True
+
     def send_message(self, message: object) -> bool:
         """Queue a hub-to-device message; False when the link is not open."""
         if self.session.state is not LinkState.OPEN or self._close is not None:
@@ -334,14 +342,18 @@ class DeviceConnection:
         acked = await hub.ingest.acked_seq(self.device_id, hello.stream)
         if self._close is not None:  # replaced or revoked while we waited
             return
+        desired_version = await hub.desired_config_version(self.device_id)
+        if self._close is not None:
+            return
         self.session.accept(
             session_id=self.session_id,
             acked_seq=acked,
-            config_version=0,
+            config_version=desired_version,
             server_time=hub.now_ms(),
         )
         self.welcomed = True
         self._wake.set()
+        await hub.commands.after_welcome(self, hello, desired_version)
         info = hub.devices.get(self.device_id)
         if info is not None:
             info.last_seen = hub.now_ms()
@@ -394,6 +406,8 @@ class DeviceConnection:
                 for s in message.samples
             ]
             hub.counters.samples_in += len(item.samples)
+            if message.final and message.request_id:
+                item.extra.append(message)
         elif isinstance(message, m.Event):
             item.events.append(
                 EventRow(

@@ -21,6 +21,7 @@ import trio
 
 from ems.hub import auth
 from ems.hub.alerts import DEFAULT_RULES, AlertEvaluator, parse_rules
+from ems.hub.commands import CommandService
 from ems.hub.fanout import OTHER, FanOut
 from ems.hub.ingest import IngestWriter
 from ems.hub.store import AsyncStore, Conflict, DeviceRecord, UserRecord, open_store
@@ -48,6 +49,8 @@ class DeviceInfo:
     last_seen: float | None = None
     firmware: str | None = None
     latest: tuple[int, float, dict[str, Any]] | None = None  # seq, ts, data
+    desired_config_version: int | None = None  # None: not looked up yet
+    reported_config_version: int | None = None
 
 
 @attrs.define(eq=False)
@@ -79,6 +82,7 @@ class Hub:
     connections: dict[str, DeviceConnection] = attrs.field(init=False, factory=dict)
     """device_id -> its current connection (from the upgrade on; `welcomed` after `hello`)."""
     counters: Counters = attrs.field(init=False, factory=Counters)
+    commands: CommandService = attrs.field(init=False)
     login_limiter: auth.LoginLimiter = attrs.field(init=False)
     store_ok: bool = attrs.field(init=False, default=True)
     started_at: float = attrs.field(init=False, default=0.0)
@@ -103,6 +107,8 @@ class Hub:
             on_error=self._store_health,
         )
         self.login_limiter = auth.LoginLimiter(limit=settings.login_attempts_per_minute)
+        self.commands = CommandService(self)
+        self.ingest.after_commit = self._after_commit
 
     def _store_health(self, ok: bool) -> None:
         if ok != self.store_ok:
@@ -124,6 +130,7 @@ class Hub:
             nursery.start_soon(self._run_writer)
             nursery.start_soon(self._sweep_liveness)
             nursery.start_soon(self._purge_expired)
+            nursery.start_soon(self.commands.expire_forever)
             _tune_gc(self.settings.gc_gen0_threshold)
             task_status.started(self)
             log.info("hub_started", devices=len(self.devices))
@@ -323,6 +330,34 @@ class Hub:
                 }
             )
         return out
+
+    def live_connection(self, device_id: str) -> DeviceConnection | None:
+        """The device's connection if it is welcomed and open (where messages can go now)."""
+        conn = self.connections.get(device_id)
+        if conn is None or not conn.welcomed:
+            return None
+        return conn
+
+    async def desired_config_version(self, device_id: str) -> int:
+        info = self.devices.get(device_id)
+        if info is not None and info.desired_config_version is not None:
+            return info.desired_config_version
+        state = await self.store.get_config(device_id)
+        version = state.desired_version if state is not None else 0
+        if info is not None:
+            info.desired_config_version = version
+            info.reported_config_version = state.reported_version if state else None
+        return version
+
+    async def _after_commit(self, batch: Any) -> None:
+        """Publish what device-control updates changed (command_status, config_status)."""
+        if batch.command_updates:
+            ids = list(dict.fromkeys(u.id for u in batch.command_updates))
+            self.commands.publish(await self.store.changed_commands(ids))
+        for device_id in dict.fromkeys(r.device_id for r in batch.config_reports):
+            state = await self.store.get_config(device_id)
+            if state is not None:
+                self.commands.publish_config(state)
 
     def is_online(self, device_id: str) -> bool:
         conn = self.connections.get(device_id)

@@ -15,14 +15,16 @@ queued for the store (which would make the device resend and the hub store twice
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 import trio
 
 from ems.hub.store import AlertRow, EventRow, SampleRow, StoreError, StreamMark, WriteBatch
+from ems.hub.store.base import CommandUpdate, ConfigReport
 from ems.logs import get_logger
+from ems.protocol import messages as m
 
 if TYPE_CHECKING:
     from ems.hub.store import AsyncStore
@@ -48,7 +50,7 @@ class IngestItem:
     alerts: list[AlertRow] = attrs.field(factory=list)
     last_seen: float | None = None
     extra: list[Any] = attrs.field(factory=list)
-    """Rows for stores added by later steps (command results, config reports)."""
+    """Device-control messages: `command_result`, `config_applied`, a final `history` chunk."""
 
 
 @attrs.define(eq=False)
@@ -78,6 +80,8 @@ class IngestWriter:
     commit_interval_s: float = 0.05
     on_error: Callable[[bool], None] = lambda ok: None
     """Told False when a commit fails and True when commits succeed again (for /health)."""
+    after_commit: Callable[[WriteBatch], Awaitable[None]] | None = None
+    """Told about every committed batch with device-control updates (to publish statuses)."""
     stats: IngestStats = attrs.field(factory=IngestStats)
     _send: trio.MemorySendChannel[IngestItem | AckedSeqQuery] = attrs.field(init=False)
     _receive: trio.MemoryReceiveChannel[IngestItem | AckedSeqQuery] = attrs.field(init=False)
@@ -136,6 +140,8 @@ class IngestWriter:
             batch.samples.extend(item.samples)
             batch.events.extend(item.events)
             batch.alerts.extend(item.alerts)
+            for message in item.extra:
+                _control_rows(batch, item.device_id, message, item.last_seen or 0.0)
             if item.last_seen is not None:
                 previous = batch.last_seen.get(item.device_id, 0.0)
                 batch.last_seen[item.device_id] = max(previous, item.last_seen)
@@ -152,6 +158,8 @@ class IngestWriter:
             self.stats.samples += len(batch.samples)
         for listener, seq in committed.items():
             listener.committed(seq)
+        if self.after_commit is not None and (batch.command_updates or batch.config_reports):
+            await self.after_commit(batch)
         for query in queries:
             query.result = await self._lookup_with_retry(query)
             query.done.set()
@@ -185,3 +193,40 @@ class IngestWriter:
                 log.warning("store_read_failed", device_id=query.device_id, error=str(exc))
                 await trio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+
+def _control_rows(batch: WriteBatch, device_id: str, message: Any, at: float) -> None:
+    """Device-control messages as the store's update rows."""
+    if isinstance(message, m.CommandResult):
+        batch.command_updates.append(
+            CommandUpdate(
+                id=message.id,
+                device_id=device_id,
+                status=message.status.value,
+                progress=message.progress,
+                result=message.result,
+                error=message.error,
+                at=at,
+            )
+        )
+    elif isinstance(message, m.ConfigApplied):
+        batch.config_reports.append(
+            ConfigReport(
+                device_id=device_id,
+                version=message.version,
+                status=message.status.value,
+                error=message.error,
+                at=at,
+            )
+        )
+    elif isinstance(message, m.History) and message.final and message.request_id:
+        # The requested history is stored: that is what the request asked for.
+        batch.command_updates.append(
+            CommandUpdate(
+                id=message.request_id,
+                device_id=device_id,
+                status="succeeded",
+                result={"final_seq": message.seq},
+                at=at,
+            )
+        )

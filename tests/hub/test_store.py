@@ -5,17 +5,24 @@ from __future__ import annotations
 
 import inspect
 import socket
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
+import attrs
 import psycopg
 import pytest
 import trio
 
 from ems.hub.store import (
     AlertRow,
+    ArtifactRow,
     AsyncStore,
+    CommandRow,
+    CommandUpdate,
+    ConfigReport,
+    ConfigState,
     Conflict,
     DeviceRecord,
     EventRow,
@@ -487,6 +494,612 @@ def test_alert_rules(store: Store) -> None:
     assert store.get_alert_rules() == rules[1:]
 
 
+# --- commands --------------------------------------------------------------------------------
+DAY_MS = 86_400_000.0
+
+
+def command(
+    command_id: str,
+    device_id: str = "ems_001",
+    *,
+    kind: str = "command",
+    name: str | None = None,
+    at: float = T0,
+    expires_at: float | None = T0 + DAY_MS,
+    params: dict[str, Any] | None = None,
+    delivery: str = "queued",
+) -> CommandRow:
+    name = name if name is not None else ("reboot" if kind == "command" else kind)
+    params = {"delay_s": 5} if params is None else params
+    payload: dict[str, Any] = {"type": kind, "id": command_id, "name": name, "params": params}
+    if expires_at is not None:
+        payload["expires_at"] = expires_at
+    return CommandRow(
+        id=command_id,
+        device_id=device_id,
+        kind=kind,
+        name=name,
+        params=params,
+        payload=payload,
+        status="pending",
+        created_at=at,
+        updated_at=at,
+        expires_at=expires_at,
+        delivery=delivery,
+    )
+
+
+def update(
+    command_id: str, status: str, at: float, device_id: str = "ems_001", **fields: Any
+) -> CommandUpdate:
+    return CommandUpdate(id=command_id, device_id=device_id, status=status, at=at, **fields)
+
+
+def create(store: Store, *rows: CommandRow, max_pending: int = 50) -> None:
+    for row in rows:
+        assert store.create_command(row, max_pending=max_pending, supersede=False) == []
+
+
+def status_of(store: Store, command_id: str) -> str:
+    row = store.get_command(command_id)
+    assert row is not None
+    return row.status
+
+
+def test_commands_create_get_list(store: Store) -> None:
+    rows = [command(f"c{i}", at=T0 + i) for i in range(5)]
+    create(store, *rows, command("other", device_id="ems_002", at=T0))
+    assert store.get_command("c3") == rows[3]
+    assert store.get_command("missing") is None
+    # The newest `limit`, oldest first.
+    assert store.list_commands("ems_001", limit=100) == rows
+    assert store.list_commands("ems_001", limit=2) == rows[3:]
+    assert store.list_commands("ems_001", limit=0) == []
+    assert [c.id for c in store.list_commands("ems_002", limit=10)] == ["other"]
+    assert store.list_commands("nobody", limit=10) == []
+    # An id is unique across devices.
+    with pytest.raises(Conflict):
+        create(store, command("c1", device_id="ems_003"))
+    assert store.get_command("c1") == rows[1]
+    assert store.list_commands("ems_003", limit=10) == []
+
+
+def test_commands_created_in_one_millisecond_keep_insertion_order(store: Store) -> None:
+    ids = ["zz", "aa", "mm", "bb"]
+    create(store, *(command(i, at=T0) for i in ids))
+    assert [c.id for c in store.list_commands("ems_001", limit=10)] == ids
+    assert [c.id for c in store.list_commands("ems_001", limit=2)] == ids[2:]
+    assert [c.id for c in store.deliverable_commands("ems_001", T0)] == ids
+    assert [c.id for c in store.changed_commands(list(reversed(ids)))] == ids
+
+
+def test_create_command_stores_it_pending_with_every_field(store: Store) -> None:
+    row = command("sw1", kind="software_update", expires_at=None, delivery="latest_only", params={})
+    create(store, row)
+    got = store.get_command("sw1")
+    assert got == row
+    assert got is not None
+    assert (got.status, got.progress, got.result, got.error) == ("pending", None, None, None)
+    assert (got.expires_at, got.delivery, got.kind, got.name) == (
+        None,
+        "latest_only",
+        "software_update",
+        "software_update",
+    )
+
+
+def test_command_json_fields_round_trip_exactly(store: Store) -> None:
+    document: dict[str, Any] = {
+        "zeta": 1,
+        "alpha": 0.1 + 0.2,
+        "tiny": 1e-300,
+        "huge": 1.7976931348623157e308,
+        "one": 1.0,
+        "big": 2**53 + 1,
+        "flag": False,
+        "none": None,
+        "text": 'naïve "quoted" \\back\\slash\ttab\nnewline 温度 🔋 ‏עברית',
+        "nested": {"b": [1, 2.5, "x", None, {"d": True}], "a": {}},
+        "list": [],
+    }
+    row = command("c1", params=document)
+    row = attrs.evolve(row, payload={**row.payload, "extra": document})
+    create(store, row)
+    store.write_batch(
+        WriteBatch(command_updates=[update("c1", "succeeded", T0 + 1, result=document)])
+    )
+    got = store.get_command("c1")
+    assert got is not None
+
+    def check(value: Any, wanted: Any) -> None:
+        assert value == wanted
+        assert type(value) is type(wanted)
+        if isinstance(wanted, dict):
+            assert list(value) == list(wanted)  # key order kept
+            for key in wanted:
+                check(value[key], wanted[key])
+        elif isinstance(wanted, list):
+            for got_item, wanted_item in zip(value, wanted, strict=True):
+                check(got_item, wanted_item)
+
+    check(got.params, document)
+    check(got.payload, row.payload)
+    check(got.result, document)
+
+
+def test_max_pending_counts_only_pending_commands(store: Store) -> None:
+    create(store, command("c1", at=T0), command("c2", at=T0 + 1), max_pending=2)
+    with pytest.raises(Conflict):
+        store.create_command(command("c3", at=T0 + 2), max_pending=2, supersede=False)
+    assert store.get_command("c3") is None
+    # Another device has its own count.
+    create(store, command("d1", device_id="ems_002"), max_pending=2)
+    # A command that left `pending` no longer counts.
+    store.update_command(update("c1", "sent", T0 + 3))
+    create(store, command("c3", at=T0 + 4), max_pending=2)
+    with pytest.raises(Conflict):
+        store.create_command(command("c4", at=T0 + 5), max_pending=2, supersede=False)
+    store.write_batch(
+        WriteBatch(command_updates=[update("c2", "sent", T0 + 6), update("c3", "sent", T0 + 6)])
+    )
+    create(store, command("c4", at=T0 + 7), command("c5", at=T0 + 8), max_pending=2)
+    assert [c.id for c in store.list_commands("ems_001", limit=10)] == [
+        "c1",
+        "c2",
+        "c3",
+        "c4",
+        "c5",
+    ]
+
+
+def test_supersede_expires_older_open_commands_of_the_same_kind(store: Store) -> None:
+    sw = "software_update"
+    create(
+        store,
+        command("sw1", kind=sw, at=T0),
+        command("sw2", kind=sw, at=T0 + 1),
+        command("sw3", kind=sw, at=T0 + 2),
+        command("sw4", kind=sw, at=T0 + 3),
+        command("cmd", kind="command", at=T0 + 4),
+        command("sw_other", device_id="ems_002", kind=sw, at=T0 + 5),
+    )
+    store.write_batch(
+        WriteBatch(
+            command_updates=[
+                update("sw2", "sent", T0 + 10),
+                update("sw3", "received", T0 + 10),
+                update("sw4", "failed", T0 + 10, error="bad image"),
+            ]
+        )
+    )
+    new = command("sw5", kind=sw, at=T0 + 20)
+    superseded = store.create_command(new, max_pending=50, supersede=True)
+    assert superseded == ["sw1", "sw2"]  # oldest first
+    for command_id in superseded:
+        row = store.get_command(command_id)
+        assert row is not None
+        assert (row.status, row.error, row.updated_at) == ("expired", "superseded by sw5", T0 + 20)
+    # `received` and final ones, other kinds and other devices are untouched.
+    assert status_of(store, "sw3") == "received"
+    failed = store.get_command("sw4")
+    assert failed is not None
+    assert (failed.status, failed.error) == ("failed", "bad image")
+    assert status_of(store, "cmd") == "pending"
+    assert status_of(store, "sw_other") == "pending"
+    assert store.get_command("sw5") == new
+    assert [c.id for c in store.changed_commands(superseded)] == ["sw1", "sw2"]
+    # Nothing left to supersede; without `supersede` nothing is touched.
+    assert store.create_command(
+        command("sw6", kind=sw, at=T0 + 21), max_pending=50, supersede=True
+    ) == ["sw5"]
+    assert (
+        store.create_command(command("sw7", kind=sw, at=T0 + 22), max_pending=50, supersede=False)
+        == []
+    )
+    assert status_of(store, "sw6") == "pending"
+
+
+def test_supersede_frees_its_pending_slot_and_rolls_back_on_conflict(store: Store) -> None:
+    sw = "software_update"
+    create(store, command("sw1", kind=sw, at=T0), max_pending=1)
+    # The superseded command no longer counts as pending: the newer one fits.
+    assert store.create_command(
+        command("sw2", kind=sw, at=T0 + 1), max_pending=1, supersede=True
+    ) == ["sw1"]
+    # Full with something the new one does not supersede: refused, and nothing changed.
+    create(store, command("cmd", at=T0 + 2), max_pending=2)
+    with pytest.raises(Conflict):
+        store.create_command(command("sw3", kind=sw, at=T0 + 3), max_pending=1, supersede=True)
+    assert status_of(store, "sw2") == "pending"
+    sw2 = store.get_command("sw2")
+    assert sw2 is not None
+    assert sw2.error is None
+    assert store.get_command("sw3") is None
+
+
+def test_deliverable_commands_are_open_unexpired_oldest_first(store: Store) -> None:
+    now = T0 + 1000
+    create(
+        store,
+        command("sent", at=T0 + 2),
+        command("pending", at=T0 + 1),
+        command("no_expiry", at=T0 + 3, expires_at=None),
+        command("received", at=T0),
+        command("done", at=T0),
+        command("expired_at_now", at=T0, expires_at=now),
+        command("past", at=T0, expires_at=now - 1),
+        command("just_alive", at=T0 + 4, expires_at=now + 0.5),
+        command("other_device", device_id="ems_002", at=T0),
+    )
+    store.write_batch(
+        WriteBatch(
+            command_updates=[
+                update("sent", "sent", T0 + 10),
+                update("received", "received", T0 + 10),
+                update("done", "succeeded", T0 + 10),
+            ]
+        )
+    )
+    got = store.deliverable_commands("ems_001", now)
+    assert [c.id for c in got] == ["pending", "sent", "no_expiry", "just_alive"]
+    assert [c.status for c in got] == ["pending", "sent", "pending", "pending"]
+    assert store.deliverable_commands("nobody", now) == []
+
+
+def test_command_status_only_rises_through_write_batch(store: Store) -> None:
+    create(store, command("c1"), command("c2"), command("c3"))
+    # Out of order: the final status arrives before a late `received`.
+    store.write_batch(
+        WriteBatch(command_updates=[update("c1", "succeeded", T0 + 5, result={"ok": True})])
+    )
+    store.write_batch(WriteBatch(command_updates=[update("c1", "received", T0 + 6)]))
+    row = store.get_command("c1")
+    assert row is not None
+    assert (row.status, row.result, row.updated_at) == ("succeeded", {"ok": True}, T0 + 5)
+    # A final status never changes, not even to another final one.
+    store.write_batch(
+        WriteBatch(
+            command_updates=[
+                update("c1", "failed", T0 + 7, error="late"),
+                update("c1", "running", T0 + 7, progress=99),
+                update("c1", "expired", T0 + 7),
+            ]
+        )
+    )
+    assert store.get_command("c1") == row
+    # `running` may repeat (progress); a lower status does not undo it.
+    store.write_batch(WriteBatch(command_updates=[update("c2", "received", T0 + 1)]))
+    store.write_batch(WriteBatch(command_updates=[update("c2", "running", T0 + 2, progress=10)]))
+    row = store.get_command("c2")
+    assert row is not None
+    assert (row.status, row.progress) == ("running", 10)
+    store.write_batch(
+        WriteBatch(
+            command_updates=[
+                update("c2", "running", T0 + 3, progress=50),
+                update("c2", "sent", T0 + 4),
+                update("c2", "received", T0 + 4),
+            ]
+        )
+    )
+    row = store.get_command("c2")
+    assert row is not None
+    assert (row.status, row.progress, row.updated_at) == ("running", 50, T0 + 3)
+    # Fields an update does not carry keep their value.
+    store.write_batch(
+        WriteBatch(command_updates=[update("c2", "failed", T0 + 8, error="disk full")])
+    )
+    row = store.get_command("c2")
+    assert row is not None
+    assert (row.status, row.progress, row.error, row.result) == ("failed", 50, "disk full", None)
+    # Several updates of one command in one batch apply in order.
+    store.write_batch(
+        WriteBatch(
+            command_updates=[
+                update("c3", "sent", T0 + 1),
+                update("c3", "received", T0 + 2),
+                update("c3", "running", T0 + 3, progress=20.5),
+                update("c3", "received", T0 + 4),
+                update("c3", "running", T0 + 5, progress=70.25),
+            ]
+        )
+    )
+    row = store.get_command("c3")
+    assert row is not None
+    assert (row.status, row.progress, row.updated_at) == ("running", 70.25, T0 + 5)
+
+
+def test_command_updates_for_unknown_or_foreign_ids_are_ignored(store: Store) -> None:
+    store.create_device(device("ems_001"))
+    create(store, command("mine"), command("theirs", device_id="ems_002"))
+    store.write_batch(
+        WriteBatch(
+            samples=[sample("ems_001", seq=1, ts=T0)],
+            command_updates=[
+                update("missing", "succeeded", T0 + 1),
+                update("theirs", "succeeded", T0 + 1),  # sent by ems_001: not its command
+                update("mine", "no_such_status", T0 + 1),
+                update("mine", "received", T0 + 2),
+            ],
+            last_seen={"ems_001": T0 + 2},
+        )
+    )
+    assert store.get_command("missing") is None
+    assert store.get_command("theirs") == command("theirs", device_id="ems_002")
+    mine = store.get_command("mine")
+    assert mine is not None
+    assert (mine.status, mine.updated_at) == ("received", T0 + 2)
+    # The rest of the batch committed with them.
+    assert store.latest("ems_001") == sample("ems_001", seq=1, ts=T0)
+    record = store.get_device("ems_001")
+    assert record is not None
+    assert record.last_seen == T0 + 2
+
+
+def test_update_command(store: Store) -> None:
+    create(store, command("c1"), command("theirs", device_id="ems_002"))
+    sent = store.update_command(update("c1", "sent", T0 + 1))
+    assert sent == attrs.evolve(command("c1"), status="sent", updated_at=T0 + 1)
+    assert store.get_command("c1") == sent
+    # A lower or equal rank changes nothing; the row is returned as it is.
+    assert store.update_command(update("c1", "sent", T0 + 2)) == sent
+    assert store.update_command(update("c1", "pending", T0 + 2)) == sent
+    assert store.update_command(update("c1", "bogus", T0 + 2)) == sent
+    running = store.update_command(update("c1", "running", T0 + 3, progress=10))
+    assert running is not None
+    assert (running.status, running.progress) == ("running", 10)
+    running = store.update_command(update("c1", "running", T0 + 4, progress=50))
+    assert running is not None
+    assert (running.status, running.progress, running.updated_at) == ("running", 50, T0 + 4)
+    done = store.update_command(update("c1", "succeeded", T0 + 5, result={"uptime_s": 3}))
+    assert done is not None
+    assert (done.status, done.progress, done.result) == ("succeeded", 50, {"uptime_s": 3})
+    assert store.update_command(update("c1", "received", T0 + 6)) == done
+    # Unknown id, or the id of another device's command: None, and nothing changes.
+    assert store.update_command(update("missing", "sent", T0)) is None
+    assert store.update_command(update("theirs", "sent", T0)) is None
+    assert store.get_command("theirs") == command("theirs", device_id="ems_002")
+
+
+def test_expire_commands_touches_only_open_commands_past_expiry(store: Store) -> None:
+    now = T0 + 1000
+    create(
+        store,
+        command("pending_past", at=T0 + 1, expires_at=now - 1),
+        command("sent_at_now", at=T0, expires_at=now),
+        command("received_past", at=T0, expires_at=now - 1),
+        command("running_past", at=T0, expires_at=now - 1),
+        command("done_past", at=T0, expires_at=now - 1),
+        command("future", at=T0, expires_at=now + 1),
+        command("never", at=T0, expires_at=None),
+        command("other_device", device_id="ems_002", at=T0 + 2, expires_at=now - 5),
+    )
+    store.write_batch(
+        WriteBatch(
+            command_updates=[
+                update("sent_at_now", "sent", T0 + 10),
+                update("received_past", "received", T0 + 10),
+                update("running_past", "running", T0 + 10, progress=5),
+                update("done_past", "succeeded", T0 + 10),
+            ]
+        )
+    )
+    expired = store.expire_commands(now)
+    assert [c.id for c in expired] == ["sent_at_now", "pending_past", "other_device"]
+    for row in expired:
+        assert (row.status, row.updated_at) == ("expired", now)
+        assert store.get_command(row.id) == row
+    assert status_of(store, "received_past") == "received"
+    assert status_of(store, "running_past") == "running"
+    assert status_of(store, "done_past") == "succeeded"
+    assert status_of(store, "future") == "pending"
+    assert status_of(store, "never") == "pending"
+    assert store.expire_commands(now) == []
+    # An expired command is final.
+    store.write_batch(WriteBatch(command_updates=[update("pending_past", "received", now + 1)]))
+    assert status_of(store, "pending_past") == "expired"
+    assert [c.id for c in store.expire_commands(now + 1)] == ["future"]
+
+
+def test_changed_commands(store: Store) -> None:
+    create(
+        store, command("a", at=T0), command("b", at=T0 + 1), command("c", device_id="x", at=T0 + 2)
+    )
+    assert store.changed_commands([]) == []
+    assert store.changed_commands(["missing"]) == []
+    got = store.changed_commands(["c", "missing", "a", "a"])
+    assert got == [command("a", at=T0), command("c", device_id="x", at=T0 + 2)]
+    store.write_batch(WriteBatch(command_updates=[update("b", "received", T0 + 5)]))
+    [b] = store.changed_commands(["b"])
+    assert (b.status, b.updated_at) == ("received", T0 + 5)
+
+
+def test_command_text_with_nul_does_not_poison_a_batch(store: Store) -> None:
+    create(store, command("c1"))
+    store.write_batch(
+        WriteBatch(
+            samples=[sample(ts=T0)],
+            command_updates=[
+                update("c1", "failed", T0 + 1, error="bad\x00", result={"log": "a\x00b"})
+            ],
+        )
+    )
+    row = store.get_command("c1")
+    assert row is not None
+    assert row.status == "failed"
+    assert row.error in ("bad\x00", "bad\ufffd")
+    assert row.result is not None
+    assert row.result["log"] in ("a\x00b", "a\ufffdb")
+    assert store.latest("ems_001") is not None
+
+
+# --- config ------------------------------------------------------------------------------------
+def report(
+    version: int, status: str = "applied", at: float = T0, device_id: str = "ems_001", **extra: Any
+) -> ConfigReport:
+    return ConfigReport(device_id=device_id, version=version, status=status, at=at, **extra)
+
+
+def test_desired_config_versions_increment_per_device(store: Store) -> None:
+    assert store.get_config("ems_001") is None
+    first = {"sample_interval_s": 5, "alerts": {"enabled": True}}
+    state = store.put_desired_config("ems_001", first, T0)
+    assert state == ConfigState(
+        device_id="ems_001", desired_version=1, desired=first, updated_at=T0
+    )
+    assert store.get_config("ems_001") == state
+    second = {"sample_interval_s": 10}
+    state = store.put_desired_config("ems_001", second, T0 + 1)
+    assert (state.desired_version, state.desired, state.updated_at) == (2, second, T0 + 1)
+    assert store.put_desired_config("ems_002", {}, T0 + 2).desired_version == 1
+    assert store.put_desired_config("ems_001", first, T0 + 3).desired_version == 3
+    assert store.get_config("ems_001") == ConfigState(
+        device_id="ems_001", desired_version=3, desired=first, updated_at=T0 + 3
+    )
+    assert store.get_config("ems_002") == ConfigState(
+        device_id="ems_002", desired_version=1, desired={}, updated_at=T0 + 2
+    )
+
+
+def test_desired_config_round_trips_exactly(store: Store) -> None:
+    document: dict[str, Any] = {
+        "z": {"y": 1, "x": [1.0, 2, "3", None, False]},
+        "a": 0.1 + 0.2,
+        "tiny": 1e-300,
+        "big": 2**53 + 1,
+        "name": "Zürich 温度 🔋",
+        "empty": {},
+    }
+    store.put_desired_config("ems_001", document, T0)
+    state = store.get_config("ems_001")
+    assert state is not None
+    assert state.desired == document
+    assert list(state.desired) == list(document)
+    assert list(state.desired["z"]) == ["y", "x"]
+    assert [type(v) for v in state.desired["z"]["x"]] == [float, int, str, type(None), bool]
+    assert type(state.desired["a"]) is float
+    assert type(state.desired["big"]) is int
+
+
+def test_config_reports_are_stored_and_older_ones_ignored(store: Store) -> None:
+    store.create_device(device("ems_001"))
+    store.put_desired_config("ems_001", {"k": 1}, T0)
+    store.put_desired_config("ems_001", {"k": 2}, T0 + 1)
+    store.write_batch(WriteBatch(config_reports=[report(2, at=T0 + 10)]))
+    state = store.get_config("ems_001")
+    assert state == ConfigState(
+        device_id="ems_001",
+        desired_version=2,
+        desired={"k": 2},
+        reported_version=2,
+        reported_status="applied",
+        updated_at=T0 + 10,
+    )
+    # An older report (late, out of order) changes nothing.
+    store.write_batch(WriteBatch(config_reports=[report(1, "rejected", T0 + 11, error="x")]))
+    assert store.get_config("ems_001") == state
+    # The same version again is stored (the device re-judged it).
+    store.write_batch(WriteBatch(config_reports=[report(2, "rejected", T0 + 12, error="bad")]))
+    state = store.get_config("ems_001")
+    assert state is not None
+    assert (state.reported_version, state.reported_status, state.reported_error) == (
+        2,
+        "rejected",
+        "bad",
+    )
+    assert state.updated_at == T0 + 12
+    # Several in one batch: the highest version wins, whatever the order.
+    store.write_batch(
+        WriteBatch(config_reports=[report(4, at=T0 + 13), report(3, "rejected", T0 + 14)])
+    )
+    state = store.get_config("ems_001")
+    assert state is not None
+    assert (state.reported_version, state.reported_status, state.reported_error) == (
+        4,
+        "applied",
+        None,
+    )
+    # A new desired version keeps what was reported.
+    state = store.put_desired_config("ems_001", {"k": 5}, T0 + 20)
+    assert (state.desired_version, state.reported_version, state.reported_status) == (
+        3,
+        4,
+        "applied",
+    )
+
+
+def test_config_report_without_desired_config(store: Store) -> None:
+    store.create_device(device("ems_001"))
+    store.write_batch(
+        WriteBatch(
+            config_reports=[report(3, at=T0), report(1, device_id="unknown_device")],
+            last_seen={"ems_001": T0},
+        )
+    )
+    # Stored against desired version 0 (none yet); the next desired version is 1.
+    assert store.get_config("ems_001") == ConfigState(
+        device_id="ems_001",
+        desired_version=0,
+        desired={},
+        reported_version=3,
+        reported_status="applied",
+        updated_at=T0,
+    )
+    assert store.get_config("unknown_device") is None  # not a device: nothing kept
+    state = store.put_desired_config("ems_001", {"a": 1}, T0 + 1)
+    assert (state.desired_version, state.reported_version) == (1, 3)
+    # A version no BIGINT holds is ignored, not a failed batch.
+    store.write_batch(WriteBatch(config_reports=[report(2**64, at=T0 + 2)]))
+    state = store.get_config("ems_001")
+    assert state is not None
+    assert state.reported_version == 3
+
+
+# --- artifacts ---------------------------------------------------------------------------------
+def artifact(sha: str, version: str = "1.0.0", at: float = T0, **extra: Any) -> ArtifactRow:
+    return ArtifactRow(
+        sha256=sha * 64,
+        size=extra.pop("size", 12_345_678_901),
+        version=version,
+        signature=extra.pop("signature", None),
+        created_at=at,
+    )
+
+
+def test_artifacts_insert_or_keep_and_list(store: Store) -> None:
+    assert store.list_artifacts() == []
+    assert store.get_artifact("b" * 64) is None
+    b = artifact("b", "2.0.0", T0 + 1, signature="sig==")
+    a = artifact("a", "1.0.0", T0 + 2, size=0)
+    c = artifact("c", "1.5.0", T0 + 1)
+    for row in (b, a, c):
+        store.put_artifact(row)
+    assert store.get_artifact("b" * 64) == b
+    assert store.get_artifact("a" * 64) == a
+    # Content-addressed: the same sha256 again keeps the first row.
+    store.put_artifact(artifact("b", "9.9.9", T0 + 5, signature=None))
+    assert store.get_artifact("b" * 64) == b
+    assert store.list_artifacts() == [b, c, a]  # oldest first (ties by sha256)
+
+
+def test_delete_device_removes_its_commands_and_config(store: Store) -> None:
+    for device_id in ("gone", "kept"):
+        store.create_device(device(device_id))
+        create(store, command(f"{device_id}_c", device_id=device_id))
+        store.put_desired_config(device_id, {"k": 1}, T0)
+    store.put_artifact(artifact("a"))
+    assert store.delete_device("gone") is True
+    assert store.get_command("gone_c") is None
+    assert store.list_commands("gone", limit=10) == []
+    assert store.get_config("gone") is None
+    assert store.get_command("kept_c") is not None
+    assert store.get_config("kept") is not None
+    assert store.list_artifacts() == [artifact("a")]
+    # Created again, the device starts from scratch: desired version 1.
+    store.create_device(device("gone"))
+    assert store.put_desired_config("gone", {}, T0 + 1).desired_version == 1
+
+
 # --- lifecycle -------------------------------------------------------------------------------
 def test_reopen_keeps_data_and_schema(store_factory: Any) -> None:
     first: Store = store_factory()
@@ -500,6 +1113,9 @@ def test_reopen_keeps_data_and_schema(store_factory: Any) -> None:
         )
     )
     first.put_alert_rules([{"code": "X"}])
+    create(first, command("c1"))
+    first.put_desired_config("ems_001", {"k": 1}, T0)
+    first.put_artifact(artifact("a"))
     first.close()
     first.close()  # idempotent
 
@@ -510,9 +1126,44 @@ def test_reopen_keeps_data_and_schema(store_factory: Any) -> None:
         assert second.latest("ems_001") == sample(seq=1, ts=T0)
         assert second.acked_seq("ems_001", "s") == 1
         assert second.get_alert_rules() == [{"code": "X"}]
+        assert second.get_command("c1") == command("c1")
+        config = second.get_config("ems_001")
+        assert config is not None
+        assert (config.desired_version, config.desired) == (1, {"k": 1})
+        assert second.list_artifacts() == [artifact("a")]
         second.ping()
     finally:
         second.close()
+
+
+def test_version_1_database_migrates_keeping_its_data(
+    store_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old: Store = store_factory()
+    module = sys.modules[type(old).__module__]
+    with monkeypatch.context() as patch:  # this program as it was at schema version 1
+        patch.setattr(module, "MIGRATIONS", module.MIGRATIONS[:1])
+        patch.setattr(module, "SCHEMA_VERSION", 1)
+        old.open()
+        old.create_device(device("ems_001"))
+        old.write_batch(WriteBatch(samples=[sample(seq=1, ts=T0)]))
+        old.close()
+    new: Store = store_factory()
+    new.open()
+    try:
+        assert new.get_device("ems_001") == device("ems_001")
+        assert new.latest("ems_001") == sample(seq=1, ts=T0)
+        create(new, command("c1"))
+        assert new.get_command("c1") == command("c1")
+        assert new.put_desired_config("ems_001", {}, T0).desired_version == 1
+    finally:
+        new.close()
+    # A database newer than the program is refused.
+    with monkeypatch.context() as patch:
+        patch.setattr(module, "SCHEMA_VERSION", 1)
+        newer: Store = store_factory()
+        with pytest.raises(StoreError):
+            newer.open()
 
 
 def test_closed_store_raises_store_error(store_factory: Any) -> None:
@@ -709,6 +1360,22 @@ async def test_async_store_mirrors_every_store_method(store: Store) -> None:
     assert await astore.get_alert_rules() is None
     await astore.put_alert_rules([{"code": "X"}])
     assert await astore.get_alert_rules() == [{"code": "X"}]
+    assert await astore.create_command(command("c1", "d"), max_pending=5, supersede=True) == []
+    assert await astore.get_command("c1") == command("c1", "d")
+    assert [c.id for c in await astore.list_commands("d", limit=5)] == ["c1"]
+    assert [c.id for c in await astore.deliverable_commands("d", T0)] == ["c1"]
+    sent = await astore.update_command(update("c1", "sent", T0 + 1, device_id="d"))
+    assert sent is not None
+    assert sent.status == "sent"
+    assert await astore.changed_commands(["c1"]) == [sent]
+    [expired] = await astore.expire_commands(T0 + 2 * DAY_MS)
+    assert (expired.id, expired.status) == ("c1", "expired")
+    state = await astore.put_desired_config("d", {"k": 1}, T0)
+    assert state.desired_version == 1
+    assert await astore.get_config("d") == state
+    await astore.put_artifact(artifact("a"))
+    assert await astore.get_artifact("a" * 64) == artifact("a")
+    assert await astore.list_artifacts() == [artifact("a")]
     assert await astore.delete_device("d")
     assert (await astore.get_device("d")) is None
     # Every public Store method has an async twin.

@@ -2,7 +2,13 @@
 `AsyncStore`, which runs one on worker threads for trio code."""
 
 from ems.hub.store.base import (
+    COMMAND_STATUS_RANK,
     AlertRow,
+    ArtifactRow,
+    CommandRow,
+    CommandUpdate,
+    ConfigReport,
+    ConfigState,
     Conflict,
     DeviceRecord,
     EventRow,
@@ -17,8 +23,14 @@ from ems.hub.store.base import (
 from ems.hub.store.runner import AsyncStore, open_store
 
 __all__ = [
+    "COMMAND_STATUS_RANK",
     "AlertRow",
+    "ArtifactRow",
     "AsyncStore",
+    "CommandRow",
+    "CommandUpdate",
+    "ConfigReport",
+    "ConfigState",
     "Conflict",
     "DeviceRecord",
     "EventRow",

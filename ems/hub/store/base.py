@@ -58,6 +58,87 @@ class StreamMark:
     seq: int
 
 
+COMMAND_STATUS_RANK: dict[str, int] = {
+    "pending": 0,
+    "sent": 1,
+    "received": 2,
+    "running": 3,
+    "succeeded": 4,
+    "failed": 4,
+    "rejected": 4,
+    "expired": 4,
+}
+"""A command's status only moves to a higher rank; rank 4 is final."""
+
+
+@attrs.frozen(kw_only=True)
+class CommandRow:
+    """A hub-to-device message with an `id`, tracked to completion (protocol.md §1)."""
+
+    id: str
+    device_id: str
+    kind: str
+    """The wire type: command, software_update, history_request, ssh_access."""
+    name: str
+    """The command name (for other kinds: the kind)."""
+    params: dict[str, Any]
+    payload: dict[str, Any]
+    """The whole hub-to-device message as sent (type, id and its fields)."""
+    status: str
+    progress: float | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    created_at: float
+    updated_at: float
+    expires_at: float | None = None
+    delivery: str = "queued"
+    """The offline policy applied: queued | latest_only | online_only."""
+
+
+@attrs.frozen(kw_only=True)
+class CommandUpdate:
+    """A `command_result` from the device (or the hub's own sent/expired marks)."""
+
+    id: str
+    device_id: str
+    status: str
+    progress: float | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    at: float
+
+
+@attrs.frozen(kw_only=True)
+class ConfigReport:
+    """A `config_applied` from the device."""
+
+    device_id: str
+    version: int
+    status: str  # applied | rejected
+    error: str | None = None
+    at: float
+
+
+@attrs.frozen(kw_only=True)
+class ConfigState:
+    device_id: str
+    desired_version: int
+    desired: dict[str, Any]
+    reported_version: int | None = None
+    reported_status: str | None = None
+    reported_error: str | None = None
+    updated_at: float = 0.0
+
+
+@attrs.frozen(kw_only=True)
+class ArtifactRow:
+    sha256: str
+    size: int
+    version: str
+    signature: str | None
+    created_at: float
+
+
 @attrs.define(kw_only=True)
 class WriteBatch:
     """Everything the ingest writer commits in one transaction."""
@@ -67,9 +148,18 @@ class WriteBatch:
     alerts: list[AlertRow] = attrs.field(factory=list)
     marks: list[StreamMark] = attrs.field(factory=list)
     last_seen: dict[str, float] = attrs.field(factory=dict)  # device_id -> epoch ms
+    command_updates: list[CommandUpdate] = attrs.field(factory=list)
+    config_reports: list[ConfigReport] = attrs.field(factory=list)
 
     def __len__(self) -> int:
-        return len(self.samples) + len(self.events) + len(self.alerts) + len(self.marks)
+        return (
+            len(self.samples)
+            + len(self.events)
+            + len(self.alerts)
+            + len(self.marks)
+            + len(self.command_updates)
+            + len(self.config_reports)
+        )
 
 
 @attrs.frozen(kw_only=True)
@@ -176,3 +266,52 @@ class Store(Protocol):
         """The stored rule list, or None if never set (the hub then uses the defaults)."""
 
     def put_alert_rules(self, rules: list[dict[str, Any]]) -> None: ...
+
+    # --- commands (step 4) -----------------------------------------------------------------
+    # write_batch also applies `command_updates` (each only if it raises the command's status
+    # rank, see COMMAND_STATUS_RANK; `running` may repeat to update progress; updates for
+    # unknown ids or ids of another device are ignored) and `config_reports` (stored as the
+    # device's reported version/status/error, only if the version is >= the stored one).
+
+    def create_command(
+        self, command: CommandRow, *, max_pending: int, supersede: bool
+    ) -> list[str]:
+        """Insert `command` (status `pending`). Raises Conflict if the device already holds
+        `max_pending` commands in status `pending`. With `supersede`, every older command of
+        the same device and `kind` still in `pending` or `sent` is set to `expired` with error
+        "superseded by <id>" first (latest-only kinds); returns those ids."""
+
+    def get_command(self, command_id: str) -> CommandRow | None: ...
+
+    def list_commands(self, device_id: str, *, limit: int) -> list[CommandRow]:
+        """The device's newest `limit` commands, oldest first."""
+
+    def deliverable_commands(self, device_id: str, now: float) -> list[CommandRow]:
+        """Commands to (re)send after the device's `welcome`: status `pending` or `sent`, not
+        expired at `now`, oldest first."""
+
+    def update_command(self, update: CommandUpdate) -> CommandRow | None:
+        """Apply one update outside a batch (the hub marking `sent`); same rank rule. The row
+        after the update, or None if the id is unknown."""
+
+    def changed_commands(self, ids: list[str]) -> list[CommandRow]:
+        """Rows of these ids (after a batch, to publish `command_status`)."""
+
+    def expire_commands(self, now: float) -> list[CommandRow]:
+        """Set `expired` on every command in `pending` or `sent` whose expires_at <= now; the
+        rows as they are now."""
+
+    # --- config (step 4) -------------------------------------------------------------------
+    def put_desired_config(self, device_id: str, config: dict[str, Any], now: float) -> ConfigState:
+        """Store a new desired document with version = previous desired version + 1 (1 for
+        the first)."""
+
+    def get_config(self, device_id: str) -> ConfigState | None: ...
+
+    # --- artifacts (step 4) ----------------------------------------------------------------
+    def put_artifact(self, artifact: ArtifactRow) -> None:
+        """Insert, or keep the existing row for the same sha256 (content-addressed)."""
+
+    def get_artifact(self, sha256: str) -> ArtifactRow | None: ...
+
+    def list_artifacts(self) -> list[ArtifactRow]: ...

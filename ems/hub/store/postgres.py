@@ -23,8 +23,21 @@ import psycopg
 import psycopg.errors
 from psycopg.types.json import set_json_loads
 
-from ems.hub.store._common import dumps, merge_marks
+from ems.hub.store._common import (
+    COMMAND_COLUMNS,
+    OPEN_SQL,
+    RANK_SQL,
+    dumps,
+    fits_int64,
+    merge_marks,
+    ranked_updates,
+)
 from ems.hub.store.base import (
+    ArtifactRow,
+    CommandRow,
+    CommandUpdate,
+    ConfigReport,
+    ConfigState,
     Conflict,
     DeviceRecord,
     SampleRow,
@@ -35,12 +48,13 @@ from ems.hub.store.base import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterable, Iterator
 
 log = logging.getLogger(__name__)
 
 COPY_MIN_ROWS = 200  # below this, one multi-row VALUES statement beats COPY's extra round trips
 _MIGRATION_LOCK = 0x454D5301  # pg_advisory_xact_lock key: hubs starting together migrate in turn
+_COMMANDS_LOCK = 0x454D5302  # with hashtext(device_id): one command creation per device at once
 
 # Schema migrations, applied in order by `open()`; a version is never edited once released,
 # later steps append (version, statements). Identifiers use the "C" collation so ordering
@@ -116,12 +130,77 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             )""",
         ],
     ),
+    (
+        2,
+        [
+            # JSON documents are `json` (exact text: key order kept, as sent); `n` orders
+            # commands created in the same millisecond (insertion order).
+            """CREATE TABLE commands (
+                n bigint GENERATED ALWAYS AS IDENTITY,
+                id text COLLATE "C" PRIMARY KEY,
+                device_id text COLLATE "C" NOT NULL,
+                kind text NOT NULL,
+                name text NOT NULL,
+                params json NOT NULL,
+                payload json NOT NULL,
+                status text NOT NULL,
+                progress double precision,
+                result json,
+                error text,
+                created_at double precision NOT NULL,
+                updated_at double precision NOT NULL,
+                expires_at double precision,
+                delivery text NOT NULL
+            )""",
+            "CREATE INDEX commands_device_status ON commands (device_id, status, created_at)",
+            "CREATE INDEX commands_device_created ON commands (device_id, created_at)",
+            "CREATE INDEX commands_status_expires ON commands (status, expires_at)",
+            """CREATE TABLE configs (
+                device_id text COLLATE "C" PRIMARY KEY,
+                desired_version bigint NOT NULL,
+                desired json NOT NULL,
+                reported_version bigint,
+                reported_status text,
+                reported_error text,
+                updated_at double precision NOT NULL
+            )""",
+            """CREATE TABLE artifacts (
+                sha256 text COLLATE "C" PRIMARY KEY,
+                size bigint NOT NULL,
+                version text NOT NULL,
+                signature text,
+                created_at double precision NOT NULL
+            )""",
+        ],
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 _ALERT_KEYS = ("id", "device_id", "ts", "level", "code", "message")
 _DEVICE_COLUMNS = (
     "device_id, name, owner, metadata, token_hash, created_at, last_seen, firmware, agent"
+)
+_CONFIG_COLUMNS = (
+    "device_id, desired_version, desired, reported_version, reported_status, reported_error, "
+    "updated_at"
+)
+_ARTIFACT_COLUMNS = "sha256, size, version, signature, created_at"
+# One command update: only to a higher rank, or `running` again (progress); fields the update
+# does not carry keep their stored value.
+_UPDATE_COMMAND = (
+    "UPDATE commands SET status = %s, progress = COALESCE(%s::double precision, progress), "
+    "result = COALESCE(%s::json, result), error = COALESCE(%s::text, error), updated_at = %s "
+    f"WHERE id = %s AND device_id = %s AND ({RANK_SQL} < %s OR (%s AND status = 'running'))"
+)
+_CONFIG_REPORT = (
+    f"INSERT INTO configs ({_CONFIG_COLUMNS}) "
+    "SELECT %s, 0, '{}'::json, %s, %s, %s, %s "
+    "WHERE EXISTS (SELECT 1 FROM devices WHERE device_id = %s) "
+    "ON CONFLICT (device_id) DO UPDATE SET reported_version = EXCLUDED.reported_version, "
+    "reported_status = EXCLUDED.reported_status, reported_error = EXCLUDED.reported_error, "
+    "updated_at = EXCLUDED.updated_at "
+    "WHERE configs.reported_version IS NULL "
+    "OR EXCLUDED.reported_version >= configs.reported_version"
 )
 _STAGING = (
     "CREATE TEMPORARY TABLE IF NOT EXISTS ems_telemetry_staging (n integer NOT NULL, "
@@ -204,6 +283,74 @@ def _device(row: tuple[Any, ...]) -> DeviceRecord:
 
 def _sample(device_id: str, row: tuple[Any, ...]) -> SampleRow:
     return SampleRow(device_id=device_id, seq=row[0], ts=row[1], data=row[2])
+
+
+def _opt_text(value: str | None) -> str | None:
+    return None if value is None else _text(value)
+
+
+def _command(row: tuple[Any, ...]) -> CommandRow:
+    return CommandRow(
+        id=row[0],
+        device_id=row[1],
+        kind=row[2],
+        name=row[3],
+        params=row[4],
+        payload=row[5],
+        status=row[6],
+        progress=row[7],
+        result=row[8],
+        error=row[9],
+        created_at=row[10],
+        updated_at=row[11],
+        expires_at=row[12],
+        delivery=row[13],
+    )
+
+
+def _config(row: tuple[Any, ...]) -> ConfigState:
+    return ConfigState(
+        device_id=row[0],
+        desired_version=row[1],
+        desired=row[2],
+        reported_version=row[3],
+        reported_status=row[4],
+        reported_error=row[5],
+        updated_at=row[6],
+    )
+
+
+def _artifact(row: tuple[Any, ...]) -> ArtifactRow:
+    return ArtifactRow(
+        sha256=row[0], size=row[1], version=row[2], signature=row[3], created_at=row[4]
+    )
+
+
+def _update_params(updates: Iterable[CommandUpdate]) -> list[tuple[Any, ...]]:
+    # Sorted by id (stable: one command's updates keep their order), so hubs sharing the
+    # database lock command rows in one order.
+    return [
+        (
+            _text(u.status),
+            None if u.progress is None else float(u.progress),
+            None if u.result is None else _json(u.result),
+            _opt_text(u.error),
+            float(u.at),
+            _text(u.id),
+            u.device_id,
+            rank,
+            repeat,
+        )
+        for u, rank, repeat in sorted(ranked_updates(updates), key=lambda item: item[0].id)
+    ]
+
+
+def _report_params(reports: Iterable[ConfigReport]) -> list[tuple[Any, ...]]:
+    return [
+        (r.device_id, r.version, _text(r.status), _opt_text(r.error), float(r.at), r.device_id)
+        for r in sorted(reports, key=lambda report: report.device_id)
+        if fits_int64(r.version)
+    ]
 
 
 class PostgresStore:
@@ -360,6 +507,12 @@ class PostgresStore:
                             for device_id, ts in sorted(batch.last_seen.items())
                         ],
                     )
+                # After last_seen: device rows are locked before command rows, as in
+                # create_command (which only takes an advisory lock, then command rows).
+                if batch.command_updates:
+                    cur.executemany(_UPDATE_COMMAND, _update_params(batch.command_updates))
+                if batch.config_reports:
+                    cur.executemany(_CONFIG_REPORT, _report_params(batch.config_reports))
 
     @staticmethod
     def _insert_samples(conn: psycopg.Connection[Any], batch: WriteBatch) -> None:
@@ -466,7 +619,7 @@ class PostgresStore:
     def delete_device(self, device_id: str) -> bool:
         with self._tx() as conn:
             existed = conn.execute("DELETE FROM devices WHERE device_id = %s", (device_id,))
-            for table in ("telemetry", "events", "alerts", "streams"):
+            for table in ("telemetry", "events", "alerts", "streams", "commands", "configs"):
                 conn.execute(f"DELETE FROM {table} WHERE device_id = %s", (device_id,))
             return existed.rowcount > 0
 
@@ -576,3 +729,173 @@ class PostgresStore:
                 "ON CONFLICT (id) DO UPDATE SET rules = EXCLUDED.rules",
                 (_json(rules),),
             )
+
+    # --- commands --------------------------------------------------------------------------
+    def create_command(
+        self, command: CommandRow, *, max_pending: int, supersede: bool
+    ) -> list[str]:
+        with self._tx() as conn:
+            # Hubs sharing the database create one device's commands in turn, so the pending
+            # count below cannot be raced past max_pending.
+            conn.execute(
+                "SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
+                (_COMMANDS_LOCK, command.device_id),
+            )
+            superseded: list[str] = []
+            if supersede:
+                rows = conn.execute(
+                    "UPDATE commands SET status = 'expired', error = %s, updated_at = %s "
+                    f"WHERE id IN (SELECT id FROM commands WHERE device_id = %s AND kind = %s "
+                    f"AND {OPEN_SQL} ORDER BY id FOR UPDATE) AND {OPEN_SQL} "
+                    "RETURNING id, created_at, n",
+                    (
+                        _text(f"superseded by {command.id}"),
+                        float(command.created_at),
+                        command.device_id,
+                        _text(command.kind),
+                    ),
+                ).fetchall()
+                superseded = [row[0] for row in sorted(rows, key=lambda row: (row[1], row[2]))]
+            row = conn.execute(
+                "SELECT count(*) FROM commands WHERE device_id = %s AND status = 'pending'",
+                (command.device_id,),
+            ).fetchone()
+            pending = row[0] if row else 0
+            if pending >= max_pending:
+                # Raised inside the transaction: the superseding above is rolled back too.
+                raise Conflict(
+                    f"device {command.device_id} already holds {pending} pending commands"
+                )
+            conn.execute(
+                f"INSERT INTO commands ({COMMAND_COLUMNS}) VALUES "
+                "(%s, %s, %s, %s, %s::json, %s::json, 'pending', %s, %s::json, %s, %s, %s, %s, %s)",
+                (
+                    _text(command.id),
+                    command.device_id,
+                    _text(command.kind),
+                    _text(command.name),
+                    _json(command.params),
+                    _json(command.payload),
+                    None if command.progress is None else float(command.progress),
+                    None if command.result is None else _json(command.result),
+                    _opt_text(command.error),
+                    float(command.created_at),
+                    float(command.updated_at),
+                    None if command.expires_at is None else float(command.expires_at),
+                    _text(command.delivery),
+                ),
+            )
+            return superseded
+
+    def get_command(self, command_id: str) -> CommandRow | None:
+        with self._tx() as conn:
+            row = conn.execute(
+                f"SELECT {COMMAND_COLUMNS} FROM commands WHERE id = %s", (_text(command_id),)
+            ).fetchone()
+        return None if row is None else _command(row)
+
+    def list_commands(self, device_id: str, *, limit: int) -> list[CommandRow]:
+        if limit <= 0:
+            return []
+        with self._tx() as conn:
+            rows = conn.execute(
+                f"SELECT {COMMAND_COLUMNS} FROM commands WHERE device_id = %s "
+                "ORDER BY created_at DESC, n DESC LIMIT %s",
+                (device_id, limit),
+            ).fetchall()
+        rows.reverse()
+        return [_command(row) for row in rows]
+
+    def deliverable_commands(self, device_id: str, now: float) -> list[CommandRow]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                f"SELECT {COMMAND_COLUMNS} FROM commands WHERE device_id = %s AND {OPEN_SQL} "
+                "AND (expires_at IS NULL OR expires_at > %s) ORDER BY created_at, n",
+                (device_id, float(now)),
+            ).fetchall()
+        return [_command(row) for row in rows]
+
+    def update_command(self, update: CommandUpdate) -> CommandRow | None:
+        with self._tx() as conn:
+            params = _update_params([update])
+            if params:
+                conn.execute(_UPDATE_COMMAND, params[0])
+            row = conn.execute(
+                f"SELECT {COMMAND_COLUMNS} FROM commands WHERE id = %s AND device_id = %s",
+                (_text(update.id), update.device_id),
+            ).fetchone()
+        return None if row is None else _command(row)
+
+    def changed_commands(self, ids: list[str]) -> list[CommandRow]:
+        if not ids:
+            return []
+        with self._tx() as conn:
+            rows = conn.execute(
+                f"SELECT {COMMAND_COLUMNS} FROM commands WHERE id = ANY(%s::text[]) "
+                "ORDER BY created_at, n",
+                ([_text(i) for i in ids],),
+            ).fetchall()
+        return [_command(row) for row in rows]
+
+    def expire_commands(self, now: float) -> list[CommandRow]:
+        with self._tx() as conn:
+            # Rows locked in id order, as write_batch updates them (no deadlock between hubs).
+            rows = conn.execute(
+                "UPDATE commands SET status = 'expired', updated_at = %s "
+                f"WHERE id IN (SELECT id FROM commands WHERE {OPEN_SQL} AND expires_at <= %s "
+                f"ORDER BY id FOR UPDATE) AND {OPEN_SQL} AND expires_at <= %s "
+                f"RETURNING {COMMAND_COLUMNS}, n",
+                (float(now), float(now), float(now)),
+            ).fetchall()
+        rows.sort(key=lambda row: (row[10], row[-1]))
+        return [_command(row) for row in rows]
+
+    # --- config ------------------------------------------------------------------------------
+    def put_desired_config(self, device_id: str, config: dict[str, Any], now: float) -> ConfigState:
+        with self._tx() as conn:
+            row = conn.execute(
+                "INSERT INTO configs (device_id, desired_version, desired, updated_at) "
+                "VALUES (%s, 1, %s::json, %s) ON CONFLICT (device_id) DO UPDATE SET "
+                "desired_version = configs.desired_version + 1, desired = EXCLUDED.desired, "
+                f"updated_at = EXCLUDED.updated_at RETURNING {_CONFIG_COLUMNS}",
+                (device_id, _json(config), float(now)),
+            ).fetchone()
+        if row is None:  # pragma: no cover - an upsert always returns its row
+            raise StoreError(f"config of {device_id} not stored")
+        return _config(row)
+
+    def get_config(self, device_id: str) -> ConfigState | None:
+        with self._tx() as conn:
+            row = conn.execute(
+                f"SELECT {_CONFIG_COLUMNS} FROM configs WHERE device_id = %s", (device_id,)
+            ).fetchone()
+        return None if row is None else _config(row)
+
+    # --- artifacts ---------------------------------------------------------------------------
+    def put_artifact(self, artifact: ArtifactRow) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                f"INSERT INTO artifacts ({_ARTIFACT_COLUMNS}) VALUES (%s, %s, %s, %s, %s) "
+                "ON CONFLICT (sha256) DO NOTHING",
+                (
+                    _text(artifact.sha256),
+                    artifact.size,
+                    _text(artifact.version),
+                    _opt_text(artifact.signature),
+                    float(artifact.created_at),
+                ),
+            )
+
+    def get_artifact(self, sha256: str) -> ArtifactRow | None:
+        with self._tx() as conn:
+            row = conn.execute(
+                f"SELECT {_ARTIFACT_COLUMNS} FROM artifacts WHERE sha256 = %s", (_text(sha256),)
+            ).fetchone()
+        return None if row is None else _artifact(row)
+
+    def list_artifacts(self) -> list[ArtifactRow]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                f"SELECT {_ARTIFACT_COLUMNS} FROM artifacts ORDER BY created_at, sha256"
+            ).fetchall()
+        return [_artifact(row) for row in rows]

@@ -18,6 +18,10 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from ems.hub.store.base import (
+        ArtifactRow,
+        CommandRow,
+        CommandUpdate,
+        ConfigState,
         DeviceRecord,
         SampleRow,
         SessionRecord,
@@ -141,3 +145,48 @@ class AsyncStore:
 
     async def put_alert_rules(self, rules: list[dict[str, Any]]) -> None:
         await self._run(self.store.put_alert_rules, rules)
+
+    # --- commands ----------------------------------------------------------------------------
+    async def create_command(
+        self, command: CommandRow, *, max_pending: int, supersede: bool
+    ) -> list[str]:
+        return await self._run(
+            self.store.create_command, command, max_pending=max_pending, supersede=supersede
+        )
+
+    async def get_command(self, command_id: str) -> CommandRow | None:
+        return await self._run(self.store.get_command, command_id)
+
+    async def list_commands(self, device_id: str, *, limit: int) -> list[CommandRow]:
+        return await self._run(self.store.list_commands, device_id, limit=limit)
+
+    async def deliverable_commands(self, device_id: str, now: float) -> list[CommandRow]:
+        return await self._run(self.store.deliverable_commands, device_id, now)
+
+    async def update_command(self, update: CommandUpdate) -> CommandRow | None:
+        return await self._run(self.store.update_command, update)
+
+    async def changed_commands(self, ids: list[str]) -> list[CommandRow]:
+        return await self._run(self.store.changed_commands, ids)
+
+    async def expire_commands(self, now: float) -> list[CommandRow]:
+        return await self._run(self.store.expire_commands, now)
+
+    # --- config ------------------------------------------------------------------------------
+    async def put_desired_config(
+        self, device_id: str, config: dict[str, Any], now: float
+    ) -> ConfigState:
+        return await self._run(self.store.put_desired_config, device_id, config, now)
+
+    async def get_config(self, device_id: str) -> ConfigState | None:
+        return await self._run(self.store.get_config, device_id)
+
+    # --- artifacts ---------------------------------------------------------------------------
+    async def put_artifact(self, artifact: ArtifactRow) -> None:
+        await self._run(self.store.put_artifact, artifact)
+
+    async def get_artifact(self, sha256: str) -> ArtifactRow | None:
+        return await self._run(self.store.get_artifact, sha256)
+
+    async def list_artifacts(self) -> list[ArtifactRow]:
+        return await self._run(self.store.list_artifacts)

@@ -13,8 +13,22 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ems.hub.store._common import dumps, loads, merge_marks
+from ems.hub.store._common import (
+    COMMAND_COLUMNS,
+    OPEN_SQL,
+    RANK_SQL,
+    dumps,
+    fits_int64,
+    loads,
+    merge_marks,
+    ranked_updates,
+)
 from ems.hub.store.base import (
+    ArtifactRow,
+    CommandRow,
+    CommandUpdate,
+    ConfigReport,
+    ConfigState,
     Conflict,
     DeviceRecord,
     SampleRow,
@@ -25,7 +39,7 @@ from ems.hub.store.base import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterable, Iterator
 
 # Schema migrations, applied in order by `open()`; a version is never edited once released,
 # later steps append (version, statements).
@@ -98,6 +112,48 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             )""",
         ],
     ),
+    (
+        2,
+        [
+            # `n` orders commands created in the same millisecond (insertion order).
+            """CREATE TABLE commands (
+                n INTEGER PRIMARY KEY AUTOINCREMENT,
+                id TEXT NOT NULL UNIQUE,
+                device_id TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                name TEXT NOT NULL,
+                params TEXT NOT NULL,
+                payload TEXT NOT NULL,
+                status TEXT NOT NULL,
+                progress REAL,
+                result TEXT,
+                error TEXT,
+                created_at REAL NOT NULL,
+                updated_at REAL NOT NULL,
+                expires_at REAL,
+                delivery TEXT NOT NULL
+            )""",
+            "CREATE INDEX commands_device_status ON commands (device_id, status, created_at)",
+            "CREATE INDEX commands_device_created ON commands (device_id, created_at)",
+            "CREATE INDEX commands_status_expires ON commands (status, expires_at)",
+            """CREATE TABLE configs (
+                device_id TEXT PRIMARY KEY,
+                desired_version INTEGER NOT NULL,
+                desired TEXT NOT NULL,
+                reported_version INTEGER,
+                reported_status TEXT,
+                reported_error TEXT,
+                updated_at REAL NOT NULL
+            )""",
+            """CREATE TABLE artifacts (
+                sha256 TEXT PRIMARY KEY,
+                size INTEGER NOT NULL,
+                version TEXT NOT NULL,
+                signature TEXT,
+                created_at REAL NOT NULL
+            )""",
+        ],
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -106,6 +162,28 @@ _DEVICE_COLUMNS = (
     "device_id, name, owner, metadata, token_hash, created_at, last_seen, firmware, agent"
 )
 
+
+_CONFIG_COLUMNS = (
+    "device_id, desired_version, desired, reported_version, reported_status, reported_error, "
+    "updated_at"
+)
+_ARTIFACT_COLUMNS = "sha256, size, version, signature, created_at"
+# One command update: only to a higher rank, or `running` again (progress); fields the update
+# does not carry keep their stored value.
+_UPDATE_COMMAND = (
+    "UPDATE commands SET status = ?, progress = coalesce(?, progress), "
+    "result = coalesce(?, result), error = coalesce(?, error), updated_at = ? "
+    f"WHERE id = ? AND device_id = ? AND ({RANK_SQL} < ? OR (? AND status = 'running'))"
+)
+_CONFIG_REPORT = (
+    f"INSERT INTO configs ({_CONFIG_COLUMNS}) SELECT ?, 0, '{{}}', ?, ?, ?, ? "
+    "WHERE EXISTS (SELECT 1 FROM devices WHERE device_id = ?) "
+    "ON CONFLICT (device_id) DO UPDATE SET reported_version = excluded.reported_version, "
+    "reported_status = excluded.reported_status, reported_error = excluded.reported_error, "
+    "updated_at = excluded.updated_at "
+    "WHERE configs.reported_version IS NULL "
+    "OR excluded.reported_version >= configs.reported_version"
+)
 
 _UNIQUE_CODES = (sqlite3.SQLITE_CONSTRAINT_UNIQUE, sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY)
 
@@ -139,6 +217,68 @@ def _device(row: tuple[Any, ...]) -> DeviceRecord:
 
 def _sample(device_id: str, row: tuple[Any, ...]) -> SampleRow:
     return SampleRow(device_id=device_id, seq=row[0], ts=row[1], data=loads(row[2]))
+
+
+def _command(row: tuple[Any, ...]) -> CommandRow:
+    return CommandRow(
+        id=row[0],
+        device_id=row[1],
+        kind=row[2],
+        name=row[3],
+        params=loads(row[4]),
+        payload=loads(row[5]),
+        status=row[6],
+        progress=row[7],
+        result=None if row[8] is None else loads(row[8]),
+        error=row[9],
+        created_at=row[10],
+        updated_at=row[11],
+        expires_at=row[12],
+        delivery=row[13],
+    )
+
+
+def _config(row: tuple[Any, ...]) -> ConfigState:
+    return ConfigState(
+        device_id=row[0],
+        desired_version=row[1],
+        desired=loads(row[2]),
+        reported_version=row[3],
+        reported_status=row[4],
+        reported_error=row[5],
+        updated_at=row[6],
+    )
+
+
+def _artifact(row: tuple[Any, ...]) -> ArtifactRow:
+    return ArtifactRow(
+        sha256=row[0], size=row[1], version=row[2], signature=row[3], created_at=row[4]
+    )
+
+
+def _update_params(updates: Iterable[CommandUpdate]) -> list[tuple[Any, ...]]:
+    return [
+        (
+            u.status,
+            None if u.progress is None else float(u.progress),
+            None if u.result is None else dumps(u.result),
+            u.error,
+            u.at,
+            u.id,
+            u.device_id,
+            rank,
+            repeat,
+        )
+        for u, rank, repeat in ranked_updates(updates)
+    ]
+
+
+def _report_params(reports: Iterable[ConfigReport]) -> list[tuple[Any, ...]]:
+    return [
+        (r.device_id, r.version, r.status, r.error, r.at, r.device_id)
+        for r in reports
+        if fits_int64(r.version)
+    ]
 
 
 class SqliteStore:
@@ -269,6 +409,10 @@ class SqliteStore:
                     "WHERE device_id = ? AND (last_seen IS NULL OR last_seen < ?)",
                     [(ts, device_id, ts) for device_id, ts in batch.last_seen.items()],
                 )
+            if batch.command_updates:
+                conn.executemany(_UPDATE_COMMAND, _update_params(batch.command_updates))
+            if batch.config_reports:
+                conn.executemany(_CONFIG_REPORT, _report_params(batch.config_reports))
 
     def acked_seq(self, device_id: str, stream: str) -> int:
         with self._tx(write=False) as conn:
@@ -359,7 +503,7 @@ class SqliteStore:
     def delete_device(self, device_id: str) -> bool:
         with self._tx() as conn:
             existed = conn.execute("DELETE FROM devices WHERE device_id = ?", (device_id,))
-            for table in ("telemetry", "events", "alerts", "streams"):
+            for table in ("telemetry", "events", "alerts", "streams", "commands", "configs"):
                 conn.execute(f"DELETE FROM {table} WHERE device_id = ?", (device_id,))
             return existed.rowcount > 0
 
@@ -462,3 +606,178 @@ class SqliteStore:
                 "ON CONFLICT (id) DO UPDATE SET rules = excluded.rules",
                 (dumps(rules),),
             )
+
+    # --- commands --------------------------------------------------------------------------
+    def create_command(
+        self, command: CommandRow, *, max_pending: int, supersede: bool
+    ) -> list[str]:
+        with self._tx() as conn:
+            superseded: list[str] = []
+            if supersede:
+                superseded = [
+                    row[0]
+                    for row in conn.execute(
+                        f"SELECT id FROM commands WHERE device_id = ? AND kind = ? AND {OPEN_SQL} "
+                        "ORDER BY created_at, n",
+                        (command.device_id, command.kind),
+                    ).fetchall()
+                ]
+                conn.execute(
+                    "UPDATE commands SET status = 'expired', error = ?, updated_at = ? "
+                    f"WHERE device_id = ? AND kind = ? AND {OPEN_SQL}",
+                    (
+                        f"superseded by {command.id}",
+                        command.created_at,
+                        command.device_id,
+                        command.kind,
+                    ),
+                )
+            pending = conn.execute(
+                "SELECT count(*) FROM commands WHERE device_id = ? AND status = 'pending'",
+                (command.device_id,),
+            ).fetchone()[0]
+            if pending >= max_pending:
+                # Raised inside the transaction: the superseding above is rolled back too.
+                raise Conflict(
+                    f"device {command.device_id} already holds {pending} pending commands"
+                )
+            conn.execute(
+                f"INSERT INTO commands ({COMMAND_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    command.id,
+                    command.device_id,
+                    command.kind,
+                    command.name,
+                    dumps(command.params),
+                    dumps(command.payload),
+                    None if command.progress is None else float(command.progress),
+                    None if command.result is None else dumps(command.result),
+                    command.error,
+                    command.created_at,
+                    command.updated_at,
+                    command.expires_at,
+                    command.delivery,
+                ),
+            )
+            return superseded
+
+    def get_command(self, command_id: str) -> CommandRow | None:
+        with self._tx(write=False) as conn:
+            row = conn.execute(
+                f"SELECT {COMMAND_COLUMNS} FROM commands WHERE id = ?", (command_id,)
+            ).fetchone()
+        return None if row is None else _command(row)
+
+    def list_commands(self, device_id: str, *, limit: int) -> list[CommandRow]:
+        if limit <= 0:
+            return []
+        with self._tx(write=False) as conn:
+            rows = conn.execute(
+                f"SELECT {COMMAND_COLUMNS} FROM commands WHERE device_id = ? "
+                "ORDER BY created_at DESC, n DESC LIMIT ?",
+                (device_id, limit),
+            ).fetchall()
+        rows.reverse()
+        return [_command(row) for row in rows]
+
+    def deliverable_commands(self, device_id: str, now: float) -> list[CommandRow]:
+        with self._tx(write=False) as conn:
+            rows = conn.execute(
+                f"SELECT {COMMAND_COLUMNS} FROM commands WHERE device_id = ? AND {OPEN_SQL} "
+                "AND (expires_at IS NULL OR expires_at > ?) ORDER BY created_at, n",
+                (device_id, now),
+            ).fetchall()
+        return [_command(row) for row in rows]
+
+    def update_command(self, update: CommandUpdate) -> CommandRow | None:
+        with self._tx() as conn:
+            params = _update_params([update])
+            if params:
+                conn.execute(_UPDATE_COMMAND, params[0])
+            row = conn.execute(
+                f"SELECT {COMMAND_COLUMNS} FROM commands WHERE id = ? AND device_id = ?",
+                (update.id, update.device_id),
+            ).fetchone()
+        return None if row is None else _command(row)
+
+    def changed_commands(self, ids: list[str]) -> list[CommandRow]:
+        if not ids:
+            return []
+        with self._tx(write=False) as conn:
+            rows = conn.execute(
+                f"SELECT {COMMAND_COLUMNS} FROM commands "
+                "WHERE id IN (SELECT value FROM json_each(?)) ORDER BY created_at, n",
+                (dumps(list(ids)),),
+            ).fetchall()
+        return [_command(row) for row in rows]
+
+    def expire_commands(self, now: float) -> list[CommandRow]:
+        with self._tx() as conn:
+            ids = [
+                row[0]
+                for row in conn.execute(
+                    f"UPDATE commands SET status = 'expired', updated_at = ? "
+                    f"WHERE {OPEN_SQL} AND expires_at <= ? RETURNING id",
+                    (now, now),
+                ).fetchall()
+            ]
+            if not ids:
+                return []
+            rows = conn.execute(
+                f"SELECT {COMMAND_COLUMNS} FROM commands "
+                "WHERE id IN (SELECT value FROM json_each(?)) ORDER BY created_at, n",
+                (dumps(ids),),
+            ).fetchall()
+        return [_command(row) for row in rows]
+
+    # --- config ------------------------------------------------------------------------------
+    def put_desired_config(self, device_id: str, config: dict[str, Any], now: float) -> ConfigState:
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO configs (device_id, desired_version, desired, updated_at) "
+                "VALUES (?, 1, ?, ?) ON CONFLICT (device_id) DO UPDATE SET "
+                "desired_version = configs.desired_version + 1, desired = excluded.desired, "
+                "updated_at = excluded.updated_at",
+                (device_id, dumps(config), now),
+            )
+            row = conn.execute(
+                f"SELECT {_CONFIG_COLUMNS} FROM configs WHERE device_id = ?", (device_id,)
+            ).fetchone()
+        return _config(row)
+
+    def get_config(self, device_id: str) -> ConfigState | None:
+        with self._tx(write=False) as conn:
+            row = conn.execute(
+                f"SELECT {_CONFIG_COLUMNS} FROM configs WHERE device_id = ?", (device_id,)
+            ).fetchone()
+        return None if row is None else _config(row)
+
+    # --- artifacts ---------------------------------------------------------------------------
+    def put_artifact(self, artifact: ArtifactRow) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                f"INSERT INTO artifacts ({_ARTIFACT_COLUMNS}) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (sha256) DO NOTHING",
+                (
+                    artifact.sha256,
+                    artifact.size,
+                    artifact.version,
+                    artifact.signature,
+                    artifact.created_at,
+                ),
+            )
+
+    def get_artifact(self, sha256: str) -> ArtifactRow | None:
+        with self._tx(write=False) as conn:
+            row = conn.execute(
+                f"SELECT {_ARTIFACT_COLUMNS} FROM artifacts WHERE sha256 = ?", (sha256,)
+            ).fetchone()
+        return None if row is None else _artifact(row)
+
+    def list_artifacts(self) -> list[ArtifactRow]:
+        with self._tx(write=False) as conn:
+            rows = conn.execute(
+                f"SELECT {_ARTIFACT_COLUMNS} FROM artifacts ORDER BY created_at, sha256"
+            ).fetchall()
+        return [_artifact(row) for row in rows]
