@@ -152,6 +152,23 @@ async def create_devices(http: str, count: int) -> list[SimDevice]:
         return devices
 
 
+async def hub_gc_figures(http: str) -> dict[str, Any]:
+    """The hub's GC pauses so far, from /metrics (loopback needs no login)."""
+    async with httpx.AsyncClient(base_url=http, timeout=30) as client:
+        text = (await client.get("/metrics")).text
+    figures: dict[str, Any] = {}
+    for line in text.splitlines():
+        for name, key in (
+            ("ems_gc_pause_max_seconds", "hub_gc_max_pause_ms_gen"),
+            ("ems_gc_collections_total", "hub_gc_collections_gen"),
+        ):
+            if line.startswith(name + "{"):
+                generation = line.split('generation="', 1)[1][0]
+                value = float(line.rsplit(" ", 1)[1])
+                figures[f"{key}{generation}"] = round(value * 1000, 1) if "pause" in key else value
+    return figures
+
+
 def cpu_seconds(pids: Sequence[int]) -> float:
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0.0
@@ -422,6 +439,7 @@ async def steady(args: argparse.Namespace) -> dict[str, Any]:
             probe.latencies_ms.clear()
             await trio.sleep(args.duration)
             cpu_used = cpu_seconds(pids) - cpu_start
+            gc_figures = await hub_gc_figures(http)
             fleet_cpu_used = cpu_seconds([os.getpid()]) - fleet_cpu_start
             sent_window = sum(d.sent for d in devices) - sent_start
             received_window = probe.received - received_start
@@ -465,6 +483,7 @@ async def steady(args: argparse.Namespace) -> dict[str, Any]:
                 "hub_cpu_percent": round(100 * cpu_used / args.duration, 1),
                 "fleet_cpu_percent": round(100 * fleet_cpu_used / args.duration, 1),
                 "hub_rss_mb": round(rss_connected / 2**20, 1),
+                **gc_figures,
                 "hub_rss_kb_per_connection": round(
                     (rss_connected - rss_before) / 1024 / max(args.devices, 1), 1
                 ),

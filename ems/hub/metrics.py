@@ -68,6 +68,24 @@ class HubCollector(Collector):
         yield GaugeMetricFamily(
             "ems_ingest_peak_queue", "Most messages waiting for the store at once", stats.peak_queue
         )
+        pauses = hub.gc_pauses
+        count = CounterMetricFamily(
+            "ems_gc_collections", "GC runs by generation", labels=["generation"]
+        )
+        total = CounterMetricFamily(
+            "ems_gc_pause_seconds", "Time spent in GC by generation", labels=["generation"]
+        )
+        worst = GaugeMetricFamily(
+            "ems_gc_pause_max_seconds", "Longest GC pause by generation", labels=["generation"]
+        )
+        for generation in range(3):
+            label = [str(generation)]
+            count.add_metric(label, pauses.count[generation])
+            total.add_metric(label, pauses.total_s[generation])
+            worst.add_metric(label, pauses.max_s[generation])
+        yield count
+        yield total
+        yield worst
 
 
 def render_metrics(hub: Hub) -> bytes:

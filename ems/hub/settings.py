@@ -23,6 +23,11 @@ def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -
         raise SettingsError(f"{_env_name(attribute.name)} must be positive, got {value}")
 
 
+def _not_negative(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value < 0:
+        raise SettingsError(f"{_env_name(attribute.name)} must not be negative, got {value}")
+
+
 def _env_name(field_name: str) -> str:
     return "EMS_" + field_name.upper()
 
@@ -65,7 +70,7 @@ class HubSettings:
     goaway_spread_ms: int = attrs.field(default=10_000, validator=_positive)
     shutdown_grace_s: float = attrs.field(default=2.0, validator=_positive)
     """How long a closing connection waits for its last acks before `goaway` and 1001."""
-    gc_gen0_threshold: int = attrs.field(default=50_000, validator=_positive)
+    gc_gen0_threshold: int = attrs.field(default=50_000, validator=_not_negative)
     """Generation-0 threshold after start-up (Python's default of 700 costs a busy hub dearly)."""
 
     @classmethod
