@@ -259,6 +259,7 @@ class SimState:
     outbox: dict[int, str] = attrs.field(factory=dict)
     record: CommandRecord = attrs.field(factory=CommandRecord)
     counted_online: bool = False
+    last_ts: float = 0.0
 
 
 @attrs.define(eq=False)
@@ -322,7 +323,10 @@ class SimConnection:
         interval = 1.0 / fleet.rate
         next_at = trio.current_time()
         while not fleet.stop_sending.is_set():
-            now_ms = time.time() * 1000.0
+            # ts grows strictly per device even when the loop runs late and catches up (the
+            # hub stores one sample per device and ts)
+            now_ms = max(time.time() * 1000.0, state.last_ts + 1.0)
+            state.last_ts = now_ms + fleet.samples_per_message * 0.001
             samples = tuple(
                 m.Sample(
                     ts=now_ms + i * 0.001,
@@ -414,7 +418,7 @@ async def steady(args: argparse.Namespace) -> dict[str, Any]:
         # collector from pausing it (which would show up as hub latency).
         gc.collect()
         gc.freeze()
-        gc.set_threshold(50_000, 50, 100)
+        gc.set_threshold(10_000, 10, 10)
         rss_before = rss_bytes(pids)
         fleet = Fleet(
             url, devices, rate=args.rate, metrics=args.metrics, samples_per_message=args.batch

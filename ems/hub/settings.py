@@ -70,7 +70,7 @@ class HubSettings:
     goaway_spread_ms: int = attrs.field(default=10_000, validator=_positive)
     shutdown_grace_s: float = attrs.field(default=2.0, validator=_positive)
     """How long a closing connection waits for its last acks before `goaway` and 1001."""
-    gc_gen0_threshold: int = attrs.field(default=50_000, validator=_not_negative)
+    gc_gen0_threshold: int = attrs.field(default=10_000, validator=_not_negative)
     """Generation-0 threshold after start-up (Python's default of 700 costs a busy hub dearly)."""
 
     @classmethod
