@@ -321,6 +321,18 @@ class TcpProxy:
     accepted: int = 0
     cuts: int = 0
     _pipes: set[_Pipe] = attrs.field(factory=set)
+    _upstream_open: trio.Event = attrs.field(factory=trio.Event)
+
+    def __attrs_post_init__(self) -> None:
+        self._upstream_open.set()
+
+    def hold_upstream(self) -> None:
+        """Stop forwarding what clients send (what the hub sends still flows)."""
+        if self._upstream_open.is_set():
+            self._upstream_open = trio.Event()
+
+    def release_upstream(self) -> None:
+        self._upstream_open.set()
 
     async def run(
         self, *, task_status: trio.TaskStatus[TcpProxy] = trio.TASK_STATUS_IGNORED
@@ -353,12 +365,24 @@ class TcpProxy:
         try:
             with pipe.scope:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_pump, client, upstream, nursery.cancel_scope)
+                    nursery.start_soon(self._pump_up, client, upstream, nursery.cancel_scope)
                     nursery.start_soon(_pump, upstream, client, nursery.cancel_scope)
         finally:
             self._pipes.discard(pipe)
             await trio.aclose_forcefully(client)
             await trio.aclose_forcefully(upstream)
+
+
+    async def _pump_up(
+        self, source: trio.SocketStream, sink: trio.SocketStream, done: trio.CancelScope
+    ) -> None:
+        try:
+            async for chunk in source:
+                await self._upstream_open.wait()
+                await sink.send_all(chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        done.cancel()
 
 
 async def _pump(source: trio.SocketStream, sink: trio.SocketStream, done: trio.CancelScope) -> None:

@@ -1,0 +1,164 @@
+"""Commands and config between the real hub and the real agent, both as subprocesses.
+
+- A command whose results never reached the hub (the link dropped first) is delivered again
+  after the reconnect and does not run a second time: the agent answers from its record.
+- A config pushed while the agent is offline is applied after it reconnects, and is still the
+  agent's config after a restart (its `hello` carries the version; the hub sends nothing new).
+"""
+
+from __future__ import annotations
+
+import stat
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import trio
+
+from tests.integration.conftest import (
+    HANG_GUARD_S,
+    HubProcess,
+    call,
+    dashboard_ws,
+    receive_until,
+    send_json,
+)
+from tests.integration.edge_helpers import AgentProcess, TcpProxy, agent_env, wait_for
+
+COUNTING_COMMAND = """#!{python}
+import sys
+with open({marker!r}, "a") as f:
+    f.write("ran\\n")
+"""
+
+
+@pytest.fixture
+def agent_root(tmp_path: Path) -> Iterator[list[AgentProcess]]:
+    made: list[AgentProcess] = []
+    yield made
+    for agent in made:
+        agent.kill()
+
+
+def make_agent(
+    made: list[AgentProcess], root: Path, hub_url: str, device_id: str, token: str, toml: str = ""
+) -> AgentProcess:
+    root.mkdir(parents=True, exist_ok=True)
+    config = root / "edge.toml"
+    config.write_text(toml)
+    agent = AgentProcess(
+        root=root,
+        env=agent_env(root, hub_url, device_id, token, EMS_BATCH_INTERVAL_S="0.5"),
+        args=["--config", str(config)],
+    )
+    made.append(agent)
+    return agent
+
+
+async def dashboard_items(dashboard: Any) -> list[dict[str, Any]]:
+    """Every update in the next frame (a `batch` unpacked)."""
+    frame = orjson.loads(await dashboard.get_message())
+    return frame["messages"] if frame["type"] == "batch" else [frame]  # type: ignore[no-any-return]
+
+
+async def command_reaches(dashboard: Any, command_id: str, status: str) -> dict[str, Any]:
+    with trio.fail_after(HANG_GUARD_S * 2):
+        while True:
+            for item in await dashboard_items(dashboard):
+                if item["type"] != "command_status":
+                    continue
+                command = item["command"]
+                if command["id"] == command_id and command["status"] == status:
+                    return command  # type: ignore[no-any-return]
+
+
+async def test_command_redelivered_after_a_drop_runs_once(
+    hub: HubProcess, tmp_path: Path, agent_root: list[AgentProcess]
+) -> None:
+    marker = tmp_path / "ran.txt"
+    script = tmp_path / "count.py"
+    script.write_text(COUNTING_COMMAND.format(python=sys.executable, marker=str(marker)))
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    toml = f'[commands]\nallowed = ["ping", "reboot"]\n[commands.argv]\nreboot = ["{script}"]\n'
+    token = await call(hub.create_device, "pi-1")
+    async with trio.open_nursery() as nursery:
+        proxy = await nursery.start(TcpProxy(hub.port).run)
+        agent = make_agent(
+            agent_root, tmp_path / "agent", f"ws://127.0.0.1:{proxy.port}", "pi-1", token, toml
+        )
+        admin = await call(hub.admin_token)
+        async with dashboard_ws(hub, admin) as dashboard:
+            await send_json(dashboard, {"type": "subscribe", "devices": ["pi-1"]})
+            await receive_until(dashboard, "subscribed")
+            await call(agent.start)
+            await agent.wait_event("link_up")
+            # What the agent sends from now on does not reach the hub: the command arrives and
+            # runs, but its `received`/`succeeded` are lost with the connection.
+            proxy.hold_upstream()
+            response = await call(
+                hub.request, "POST", "/api/devices/pi-1/commands", json={"name": "reboot"}
+            )
+            command = response.json()
+            await command_reaches(dashboard, command["id"], "sent")
+            await wait_for(lambda: marker.exists() and marker.read_text(), "the command to run")
+            assert proxy.cut() == 1
+            proxy.release_upstream()
+            # After the reconnect the hub sends it again (it was never `received`); the agent
+            # answers from its record and the hub learns the outcome.
+            done = await command_reaches(dashboard, command["id"], "succeeded")
+            assert done["result"]["exit_code"] == 0
+        await call(agent.stop)
+        nursery.cancel_scope.cancel()
+    assert marker.read_text() == "ran\n", "the command ran more than once"
+    assert any(e.get("acked_seq") is not None for e in agent.events("link_up"))
+    assert len(agent.events("link_up")) >= 2, "the agent never reconnected"
+
+
+async def test_config_pushed_offline_is_applied_on_reconnect_and_survives_restart(
+    hub: HubProcess, tmp_path: Path, agent_root: list[AgentProcess]
+) -> None:
+    token = await call(hub.create_device, "pi-1")
+    agent = make_agent(agent_root, tmp_path / "agent", hub.ws, "pi-1", token)
+    await call(agent.start)
+    await agent.wait_event("link_up")
+    assert await call(agent.stop) == 0
+    put = await call(
+        hub.request,
+        "PUT",
+        "/api/devices/pi-1/config",
+        json={"config": {"batch_interval_s": 2, "site": "north"}},
+    )
+    assert put.json()["desired"]["version"] == 1
+    admin = await call(hub.admin_token)
+    async with dashboard_ws(hub, admin) as dashboard:
+        await send_json(dashboard, {"type": "subscribe", "devices": ["pi-1"]})
+        await receive_until(dashboard, "subscribed")
+        await call(agent.start)
+        status: dict[str, Any] = {}
+        with trio.fail_after(HANG_GUARD_S * 2):
+            while status.get("reported_version") != 1:
+                for item in await dashboard_items(dashboard):
+                    if item["type"] == "config_status" and item["reported_version"] == 1:
+                        status = item
+        assert status == {
+            "type": "config_status",
+            "device_id": "pi-1",
+            "desired_version": 1,
+            "reported_version": 1,
+            "status": "applied",
+        }
+    applied = await agent.wait_event("config_applied")
+    assert applied["version"] == 1
+    document = (await call(hub.request, "GET", "/api/devices/pi-1/config")).json()
+    assert document["reported"] == {"version": 1, "status": "applied", "error": None}
+    # Restart: the agent starts with version 1 applied and the hub has nothing to send.
+    assert await call(agent.stop) == 0
+    await call(agent.start)
+    started = await agent.wait_event("agent_started")
+    assert started["config_version"] == 1
+    await agent.wait_event("link_up")
+    assert await call(agent.stop) == 0
+    assert agent.events("config_applied") == [], "the config was sent (and applied) again"
