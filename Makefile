@@ -29,6 +29,9 @@ bench: $(STAMP)
 bench-full: $(STAMP)
 	$(PY) benchmarks/codec.py
 	$(PY) benchmarks/fleet.py --devices 500 1000 2000 --duration 30 --label steady
+	# the collector's effect: Python's defaults against the hub's tuning, same fleet
+	$(PY) benchmarks/fleet.py --devices 2000 --duration 30 --label gc-default --hub-env EMS_GC_GEN0_THRESHOLD=0
+	$(PY) benchmarks/fleet.py --devices 2000 --duration 30 --label gc-tuned
 
 clean:
 	rm -rf $(VENV) .pytest_cache tests/artifacts

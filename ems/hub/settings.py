@@ -28,6 +28,14 @@ def _not_negative(instance: object, attribute: attrs.Attribute[Any], value: floa
         raise SettingsError(f"{_env_name(attribute.name)} must not be negative, got {value}")
 
 
+def _at_most(limit: float) -> Callable[[object, attrs.Attribute[Any], float], None]:
+    def check(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+        if value > limit:
+            raise SettingsError(f"{_env_name(attribute.name)} must be at most {limit}, got {value}")
+
+    return check
+
+
 def _env_name(field_name: str) -> str:
     return "EMS_" + field_name.upper()
 
@@ -58,7 +66,7 @@ class HubSettings:
     """How long the ingest writer gathers messages into one transaction (delays acks only)."""
     dashboard_queue: int = attrs.field(default=5_000, validator=_positive)
     """Updates queued per dashboard before its oldest telemetry is dropped (`lagged`)."""
-    dashboard_flush_ms: float = attrs.field(default=10.0, validator=_positive)
+    dashboard_flush_ms: float = attrs.field(default=10.0, validator=[_positive, _at_most(20.0)])
     """How long dashboard updates gather into one `batch` frame (at most 20 ms)."""
     strict_metrics: bool = False
     """Reject unknown metric names (they pass by default)."""

@@ -52,6 +52,7 @@ def test_environment_overrides() -> None:
         ("EMS_MAX_FRAME_BYTES", "1.5"),
         ("EMS_DATABASE_URL", "mysql://x"),
         ("EMS_STRICT_METRICS", "maybe"),
+        ("EMS_DASHBOARD_FLUSH_MS", "50"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
