@@ -27,6 +27,8 @@ from ems.edge.dispatcher import Dispatcher, Handler, load_extra_handlers
 from ems.edge.handlers.command import RESTART_COMMANDS, CommandHandler
 from ems.edge.handlers.config import ConfigHandler, validate
 from ems.edge.handlers.history import HistoryRequestHandler, HistoryUploader
+from ems.edge.handlers.software_update import SoftwareUpdateHandler
+from ems.edge.handlers.ssh_access import AuthorizedKeysFile, SshAccessHandler
 from ems.edge.history import AsyncHistory, HistoryStore
 from ems.edge.link import LINK_ERRORS, DeviceLink
 from ems.edge.outbox import AsyncOutbox, Outbox
@@ -61,6 +63,7 @@ class Agent:
     sampler: Sampler = attrs.field(init=False)
     scheduler: Scheduler = attrs.field(init=False)
     config_version: int = attrs.field(init=False, default=0)
+    capabilities: tuple[str, ...] = attrs.field(init=False, default=CAPABILITIES)
     started_at: float = attrs.field(init=False, default=0.0)
     _nursery: trio.Nursery | None = attrs.field(init=False, default=None)
     _sampling: trio.CancelScope = attrs.field(init=False, factory=trio.CancelScope)
@@ -167,7 +170,32 @@ class Agent:
             ),
             "history_request": HistoryRequestHandler(uploader=uploader, report=self.report),
         }
+        ota = SoftwareUpdateHandler(
+            install=settings.ota_install,
+            healthcheck=settings.ota_healthcheck,
+            rollback=settings.ota_rollback,
+            pubkey_file=settings.ota_pubkey_file,
+            hub_http_url=settings.http_url,
+            read_token=settings.read_token,
+            work_dir=settings.data_dir / "ota",
+            report=self.report,
+            wall_clock=self.wall_clock,
+            ssl_context=ssl_context,
+            device_id=settings.device_id,
+        )
+        handlers["software_update"] = ota  # without an installer it answers `rejected`
+        handlers["ssh_access"] = SshAccessHandler(
+            hook=AuthorizedKeysFile(settings.ssh_authorized_keys, settings.device_id),
+            report=self.report,
+            wall_clock=self.wall_clock,
+            device_id=settings.device_id,
+        )
         handlers.update(load_extra_handlers(self))
+        ota_enabled = bool(settings.ota_install)
+        extra = [name for name in ("software_update", "ssh_access") if name in handlers]
+        if not ota_enabled and handlers["software_update"] is ota:
+            extra.remove("software_update")  # it is there only to say `rejected`
+        self.capabilities = (*CAPABILITIES, *extra)
         self.dispatcher = Dispatcher(
             handlers=handlers,
             record_received=self._record_received,
@@ -188,8 +216,18 @@ class Agent:
         )
         self.scheduler = Scheduler(rng=self.rng, device_id=settings.device_id)
         jobs = {"history_upload": uploader.upload_new, "history_prune": self._prune_history}
+        if ota_enabled:
+            jobs["ota_check"] = lambda: ota.check_assigned(
+                self.record.begin, self.dispatcher.submit
+            )
         for name, job in jobs.items():
             self.scheduler.add(name, settings.jobs[name], job, jitter_s=settings.job_jitter(name))
+        # The ssh_access handler's expiry loop: started at once (expired keys go first), and
+        # started again a second after it fails.
+        expire_keys = getattr(handlers.get("ssh_access"), "expire_forever", None)
+        if expire_keys is not None:
+            self.scheduler.add("ssh_expiry", 1.0, expire_keys, jitter_s=0)
+            self.scheduler.run_now("ssh_expiry")
 
     async def _run_sampler(self) -> None:
         try:
@@ -281,7 +319,7 @@ class Agent:
             agent=f"ems-edge/{__version__}",
             firmware=self.firmware,
             config_version=self.config_version,
-            capabilities=CAPABILITIES,
+            capabilities=self.capabilities,
         )
 
     async def _dispatch(self, message: m.TrackedMessage | m.Config) -> None:

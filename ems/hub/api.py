@@ -17,8 +17,18 @@ import orjson
 import trio
 from quart import Blueprint, Response, current_app, request
 
+from ems.edge.handlers.ssh_access import public_key_fault
 from ems.hub import auth
 from ems.hub.alerts import RuleError, parse_rules
+from ems.hub.artifacts import (
+    SHA256_HEX,
+    VERSION,
+    ArtifactFiles,
+    BadSignature,
+    TooLarge,
+    parse_signature,
+)
+from ems.hub.artifacts import stream as stream_file
 from ems.hub.commands import (
     Delivery,
     DeviceOffline,
@@ -29,7 +39,7 @@ from ems.hub.commands import (
 from ems.hub.dashboard_link import SESSION_COOKIE
 from ems.hub.hub import Hub
 from ems.hub.metrics import render_metrics
-from ems.hub.store import Conflict, SessionRecord, StoreError, UserRecord
+from ems.hub.store import ArtifactRow, Conflict, SessionRecord, StoreError, UserRecord
 from ems.logs import get_logger
 from ems.protocol.codec import COMMAND_NAME, DEVICE_ID
 
@@ -751,4 +761,212 @@ async def notify_device(_: UserRecord, device_id: str) -> Response:
         params=data,
         fields={"name": event, "params": data},
         delivery=Delivery.ONLINE_ONLY,
+    )
+
+
+# --- software images and OTA, SSH access ---------------------------------------------------------
+
+
+def _artifact_files() -> ArtifactFiles:
+    return ArtifactFiles(hub().settings.data_dir / "artifacts")
+
+
+def _artifact_json(row: ArtifactRow) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "sha256": row.sha256,
+        "size": row.size,
+        "version": row.version,
+        "created_at": row.created_at,
+    }
+    if row.signature is not None:
+        body["signature"] = row.signature
+    return body
+
+
+def _device_token_ok(token: str) -> bool:
+    """`token` is the live token of some device. Compares SHA-256 digests of a 256-bit secret,
+    so the comparison's timing says nothing useful; one pass over the in-memory directory."""
+    digest = auth.token_hash(token)
+    return any(info.token_hash == digest for info in list(hub().devices.values()))
+
+
+@api.post("/api/artifacts")
+@requires("admin")
+async def upload_artifact(_: UserRecord) -> Response:
+    """Stream a software image to disk under its SHA-256 (never whole in memory)."""
+    h = hub()
+    limit = h.settings.max_artifact_bytes
+    length = request.content_length
+    if length is not None and length > limit:
+        await _discard_body()
+        raise ApiError(413, "MESSAGE_TOO_LARGE", f"image larger than {limit} bytes")
+    version = request.headers.get("X-Version", "").strip()
+    if not VERSION.fullmatch(version):
+        raise ApiError(
+            422,
+            "INVALID_MESSAGE_FORMAT",
+            "X-Version header: required, 1 to 128 printable characters without spaces",
+        )
+    signature = None
+    raw_signature = request.headers.get("X-Signature", "").strip()
+    if raw_signature:
+        try:
+            signature = parse_signature(raw_signature)
+        except BadSignature as exc:
+            raise ApiError(422, "INVALID_MESSAGE_FORMAT", f"X-Signature header: {exc}") from None
+    files = _artifact_files()
+    try:
+        stored = await files.receive(request.body, limit=limit)
+    except TooLarge:
+        raise ApiError(413, "MESSAGE_TOO_LARGE", f"image larger than {limit} bytes") from None
+    existing = await h.store.get_artifact(stored.sha256)
+    if existing is not None:
+        if existing.version != version or existing.signature != signature:
+            raise ApiError(
+                409,
+                "CONFLICT",
+                f"image {stored.sha256} exists already with version {existing.version!r}"
+                + (" and a different signature" if existing.signature != signature else ""),
+            )
+        return json_response(_artifact_json(existing), 200)
+    if stored.size == 0:
+        await trio.to_thread.run_sync(lambda: files.path(stored.sha256).unlink(missing_ok=True))
+        raise ApiError(422, "INVALID_MESSAGE_FORMAT", "the image is empty")
+    row = ArtifactRow(
+        sha256=stored.sha256,
+        size=stored.size,
+        version=version,
+        signature=signature,
+        created_at=h.now_ms(),
+    )
+    await h.store.put_artifact(row)
+    log.info(
+        "artifact_stored",
+        sha256=row.sha256,
+        size=row.size,
+        version=version,
+        signed=signature is not None,
+    )
+    return json_response(_artifact_json(row), 201)
+
+
+@api.get("/api/artifacts")
+@requires("admin")
+async def list_artifacts(_: UserRecord) -> Response:
+    rows = await hub().store.list_artifacts()
+    return json_response({"artifacts": [_artifact_json(r) for r in rows]})
+
+
+@api.get("/api/artifacts/<sha256>")
+async def download_artifact(sha256: str) -> Response:
+    """The image, to any device (its device token) or an admin."""
+    token = _request_token()
+    if token is None:
+        raise ApiError(401, "AUTHENTICATION_FAILED", "a device token or an admin login is needed")
+    if not _device_token_ok(token):
+        user = await hub().user_for_token(token)
+        if user is None:
+            raise ApiError(401, "AUTHENTICATION_FAILED", "unknown or expired token")
+        if user.role != "admin":
+            raise ApiError(403, "FORBIDDEN", "images are for devices and admins")
+    sha256 = sha256.lower()
+    row = await hub().store.get_artifact(sha256) if SHA256_HEX.fullmatch(sha256) else None
+    if row is None:
+        raise ApiError(404, "NOT_FOUND", f"no image {sha256[:64]!r}")
+    try:
+        file, size = await _artifact_files().open(sha256)
+    except FileNotFoundError:
+        log.warning("artifact_file_missing", sha256=sha256)
+        raise ApiError(404, "NOT_FOUND", f"image {sha256} is not on this hub's disk") from None
+    response = Response(stream_file(file), status=200, content_type="application/octet-stream")
+    response.headers["Content-Length"] = str(size)
+    response.headers["ETag"] = f'"{sha256}"'
+    response.headers["X-Version"] = row.version
+    if row.signature is not None:
+        response.headers["X-Signature"] = row.signature
+    return response
+
+
+def _sha256_field(body: dict[str, Any]) -> str:
+    sha256 = field(body, "sha256", str).strip().lower()
+    if not SHA256_HEX.fullmatch(sha256):
+        raise ApiError(422, "INVALID_MESSAGE_FORMAT", "sha256: expected 64 hex digits")
+    return sha256
+
+
+@api.post("/api/devices/<device_id>/software-update")
+@requires("operator")
+async def software_update(user: UserRecord, device_id: str) -> Response:
+    body = await json_object()
+    visible_device(user, device_id)
+    sha256 = _sha256_field(body)
+    row = await hub().store.get_artifact(sha256)
+    if row is None:
+        raise ApiError(404, "NOT_FOUND", f"no image {sha256}; upload it to /api/artifacts first")
+    fields: dict[str, Any] = {
+        "version": row.version,
+        "url": f"/api/artifacts/{row.sha256}",
+        "sha256": row.sha256,
+        "size": row.size,
+    }
+    if row.signature is not None:
+        fields["signature"] = row.signature
+    return await _create(
+        device_id,
+        kind="software_update",
+        name="software_update",
+        params={"sha256": row.sha256, "version": row.version, "size": row.size},
+        fields=fields,
+        expires_in_s=_expires_in(body),
+    )
+
+
+@api.get("/api/devices/<device_id>/software-update")
+async def assigned_software_update(device_id: str) -> Response:
+    """The latest `software_update` for the device (its OTA check), with its wire message.
+    For the device itself (its device token) or a user who may see it; 404 when none."""
+    token = _request_token()
+    h = hub()
+    if not (token and DEVICE_ID.fullmatch(device_id) and h.device_token_ok(device_id, token)):
+        user = await current_user()
+        visible_device(user, device_id)
+    rows = await h.store.list_commands(device_id, limit=500)
+    latest = next((r for r in reversed(rows) if r.kind == "software_update"), None)
+    if latest is None:
+        raise ApiError(404, "NOT_FOUND", "no software update assigned")
+    return json_response({"command": command_json(latest), "message": latest.payload})
+
+
+SSH_MAX_DURATION_S = 86_400
+
+
+def _public_key_field(body: dict[str, Any]) -> str:
+    """One OpenSSH public key line (type, base64 key, optional comment; no options, no newline:
+    it goes into an authorized_keys file), checked as the agent checks it."""
+    key = field(body, "public_key", str).strip(" ")
+    fault = public_key_fault(key)
+    if fault is not None:
+        raise ApiError(422, "INVALID_MESSAGE_FORMAT", f"public_key: {fault}")
+    return key
+
+
+@api.post("/api/devices/<device_id>/ssh-access")
+@requires("admin")
+async def ssh_access(user: UserRecord, device_id: str) -> Response:
+    body = await json_object()
+    visible_device(user, device_id)
+    duration = field(body, "duration_s", (int, float))
+    if not 1 <= duration <= SSH_MAX_DURATION_S:  # NaN fails this too
+        raise ApiError(
+            422, "INVALID_MESSAGE_FORMAT", f"duration_s: 1 to {SSH_MAX_DURATION_S} seconds"
+        )
+    public_key = _public_key_field(body)
+    fields: dict[str, Any] = {"duration_s": duration, "public_key": public_key}
+    return await _create(
+        device_id,
+        kind="ssh_access",
+        name="ssh_access",
+        params=dict(fields),
+        fields=fields,
+        expires_in_s=_expires_in(body),
     )

@@ -372,7 +372,6 @@ class TcpProxy:
             await trio.aclose_forcefully(client)
             await trio.aclose_forcefully(upstream)
 
-
     async def _pump_up(
         self, source: trio.SocketStream, sink: trio.SocketStream, done: trio.CancelScope
     ) -> None:
