@@ -137,7 +137,7 @@ async def test_run_now_runs_at_once_and_never_overlaps(
     scheduler.add("ota_check", 3600.0, job, jitter_s=0)
     start = trio.current_time()
     await nursery.start(scheduler.run)
-    await trio.sleep(100.0)
+    await trio.sleep(100.0)  # virtual time (autojump_clock)
     assert job.starts == []
     scheduler.run_now("ota_check")
     await trio.testing.wait_all_tasks_blocked()
@@ -146,7 +146,7 @@ async def test_run_now_runs_at_once_and_never_overlaps(
     # asked three times during the run: one more run, right after this one
     for _ in range(3):
         scheduler.run_now("ota_check")
-    await trio.sleep(20.0)
+    await trio.sleep(20.0)  # virtual time (autojump_clock)
     assert [t - start for t in job.starts] == [100.0, 105.0]
     assert job.most_active == 1
     # then the normal schedule resumes, counted from the end of the last run
@@ -247,7 +247,7 @@ async def test_set_interval_moves_the_next_run(
     await nursery.start(scheduler.run)
     await trio.sleep(30.0)
     assert scheduler.set_interval("upload", 60.0)
-    await trio.sleep(100.0)
+    await trio.sleep(100.0)  # virtual time (autojump_clock)
     assert [t - start for t in job.starts] == [60.0, 120.0]
     assert scheduler.interval("upload") == 60.0
     # shortening below the time already waited runs at once
