@@ -322,7 +322,7 @@ async def test_handler_grants_and_the_loop_removes_at_expiry(
         assert parse_marker(path.read_text()) == ("c1", result.result["expires_at"])
         await trio.sleep_until(expires_at - wall_clock() + trio.current_time() - 0.1)
         assert path.read_text(), "removed before its expiry"
-        await trio.sleep(1.0)  # the contract: gone within a second of expiry
+        await trio.sleep(1.0)  # MockClock time; the contract: gone within a second of expiry
         assert path.read_text() == ""
         nursery.cancel_scope.cancel()
 
