@@ -17,6 +17,7 @@ short version. Results go to benchmarks/results/ as JSON and a markdown row.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -389,6 +390,85 @@ class DashboardProbe:
                         self.lagged += item["dropped"]
 
 
+@attrs.define(eq=False)
+class ProbeProcess:
+    """The dashboard probe in a process of its own, so that the fleet's own load (thousands of
+    connections in one Python process) does not show up as hub latency.
+
+    Line protocol on the child's stdin/stdout: it prints `ready` once subscribed; `reset` starts
+    the measured window; `window` answers the window's latencies as JSON; `expect N` answers the
+    totals (JSON) once N updates arrived in all (or after 60 s)."""
+
+    url: str
+    token: str
+    process: trio.Process | None = None
+    _lines: Any = None
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        self.process = await nursery.start(
+            functools.partial(
+                trio.run_process,
+                [sys.executable, __file__, "--probe", self.url],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env={**os.environ, "EMS_BENCH_TOKEN": self.token},
+                check=False,
+            )
+        )
+        self._lines = _line_reader(self.process.stdout)
+        assert await self._line() == "ready"
+
+    async def _line(self) -> str:
+        return (await self._lines.__anext__()).strip()
+
+    async def ask(self, command: str) -> Any:
+        assert self.process is not None
+        assert self.process.stdin is not None
+        await self.process.stdin.send_all(command.encode() + b"\n")
+        if command == "reset":
+            return None
+        return orjson.loads(await self._line())
+
+
+async def _line_reader(stream: Any) -> Any:
+    buffer = b""
+    async for chunk in stream:
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            yield line.decode()
+
+
+async def probe_main(url: str) -> None:
+    """The probe process: subscribe, then answer the parent's commands on stdin."""
+    gc.freeze()
+    probe = DashboardProbe(url, os.environ["EMS_BENCH_TOKEN"])
+    stdin = trio.lowlevel.FdStream(os.dup(0))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(probe.run)
+        await probe.ready.wait()
+        print("ready", flush=True)
+        window_start = 0
+        async for line in _line_reader(stdin):
+            command, _, argument = line.strip().partition(" ")
+            if command == "reset":
+                probe.latencies_ms.clear()
+                window_start = probe.received
+            elif command == "window":
+                answer = {
+                    "received": probe.received - window_start,
+                    "latencies_ms": [round(x, 2) for x in probe.latencies_ms],
+                }
+                print(orjson.dumps(answer).decode(), flush=True)
+            elif command == "expect":
+                probe.expect(int(argument))
+                with trio.move_on_after(60):
+                    await probe.all_received.wait()
+                answer = {"received": probe.received, "lagged": probe.lagged}
+                print(orjson.dumps(answer).decode(), flush=True)
+                nursery.cancel_scope.cancel()
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -423,11 +503,10 @@ async def steady(args: argparse.Namespace) -> dict[str, Any]:
         fleet = Fleet(
             url, devices, rate=args.rate, metrics=args.metrics, samples_per_message=args.batch
         )
-        probe = DashboardProbe(url, token)
+        probe = ProbeProcess(url, token)
         result: dict[str, Any] = {}
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(probe.run)
-            await probe.ready.wait()
+            await probe.start(nursery)
             connect_started = time.monotonic()
             for index, device in enumerate(devices):
                 delay = (index / len(devices)) * min(1.0 / args.rate, 5.0)
@@ -439,22 +518,20 @@ async def steady(args: argparse.Namespace) -> dict[str, Any]:
             cpu_start = cpu_seconds(pids)
             fleet_cpu_start = cpu_seconds([os.getpid()])
             sent_start = sum(d.sent for d in devices)
-            received_start = probe.received
-            probe.latencies_ms.clear()
+            await probe.ask("reset")
             await trio.sleep(args.duration)
             cpu_used = cpu_seconds(pids) - cpu_start
             gc_figures = await hub_gc_figures(http)
             fleet_cpu_used = cpu_seconds([os.getpid()]) - fleet_cpu_start
             sent_window = sum(d.sent for d in devices) - sent_start
-            received_window = probe.received - received_start
+            window = await probe.ask("window")
             fleet.stop_sending.set()
             # Everything sent must be acked, and reach the dashboard.
             total_sent = sum(d.sent for d in devices)
-            probe.expect(total_sent)
             with trio.move_on_after(60):
                 if fleet.unacked():
                     await fleet.all_acked.wait()
-                await probe.all_received.wait()
+            totals = await probe.ask(f"expect {total_sent}")
             nursery.cancel_scope.cancel()
         hub.stop()
         stored = (
@@ -462,7 +539,7 @@ async def steady(args: argparse.Namespace) -> dict[str, Any]:
             .execute("SELECT count(*) FROM telemetry")
             .fetchone()[0]
         )
-        lat = probe.latencies_ms
+        lat = window["latencies_ms"]
         result.update(
             {
                 "scenario": "steady",
@@ -472,17 +549,17 @@ async def steady(args: argparse.Namespace) -> dict[str, Any]:
                 "metrics": args.metrics,
                 "duration_s": args.duration,
                 "sent": total_sent,
-                "delivered": probe.received,
+                "delivered": totals["received"],
                 "stored": stored,
                 "all_acked": all(d.acked_seq >= d.last_seq for d in devices),
-                "lagged": probe.lagged,
+                "lagged": totals["lagged"],
                 "reconnects": sum(max(0, d.connects - 1) for d in devices),
                 "refused": sum(d.refused for d in devices),
                 "latency_ms_p50": round(percentile(lat, 0.50), 1),
                 "latency_ms_p99": round(percentile(lat, 0.99), 1),
                 "latency_ms_max": round(max(lat) if lat else float("nan"), 1),
                 "samples_per_s": round(sent_window / args.duration, 1),
-                "delivered_in_window": received_window,
+                "delivered_in_window": window["received"],
                 "hub_cpu_s_per_1000_samples": round(1000 * cpu_used / max(sent_window, 1), 4),
                 "hub_cpu_percent": round(100 * cpu_used / args.duration, 1),
                 "fleet_cpu_percent": round(100 * fleet_cpu_used / args.duration, 1),
@@ -563,7 +640,11 @@ def main() -> None:
     parser.add_argument("--hub", help="use a running hub at http://127.0.0.1:PORT")
     parser.add_argument("--hub-data", help="that hub's EMS_DATA_DIR parent (for the row count)")
     parser.add_argument("--hub-pid", help="that hub's process id (for CPU and RSS)")
+    parser.add_argument("--probe", help=argparse.SUPPRESS)  # internal: the probe process
     args = parser.parse_args()
+    if args.probe:
+        trio.run(probe_main, args.probe)
+        return
     RESULTS.mkdir(exist_ok=True)
     results = []
     print(f"fleet benchmark: {vars(args)}")
