@@ -269,6 +269,7 @@ class SimConnection:
     state: SimState
     ws: Any
     session: DeviceSession = attrs.field(init=False)
+    send_lock: trio.Lock = attrs.field(init=False, factory=trio.Lock)
 
     def __attrs_post_init__(self) -> None:
         device = self.state.device
@@ -289,15 +290,17 @@ class SimConnection:
                 nursery.start_soon(self.producer)
 
     async def flush(self) -> None:
-        session = self.session
-        outbox = self.state.outbox
-        if session.state.value == "open":
-            for seq in sorted(s for s in outbox if s > session.sent_high):
-                if session.window_free() <= 0:
-                    break
-                session.send_reliable(seq, outbox[seq], trio.current_time())
-        for text in session.data_to_send():
-            await self.ws.send_message(text)
+        # One sender at a time: frames must leave in seq order (the contract's rule).
+        async with self.send_lock:
+            session = self.session
+            outbox = self.state.outbox
+            if session.state.value == "open":
+                for seq in sorted(s for s in outbox if s > session.sent_high):
+                    if session.window_free() <= 0:
+                        break
+                    session.send_reliable(seq, outbox[seq], trio.current_time())
+            for text in session.data_to_send():
+                await self.ws.send_message(text)
 
     async def reader(self, scope: trio.CancelScope) -> None:
         session = self.session

@@ -191,10 +191,13 @@ class SessionPair:
                 if order.index(message.status.value) > order.index(current):
                     self.commands[message.id].status = message.status.value
         assert stream is not None
-        self.store.acked[stream] = max(self.store.acked.get(stream, 0), high)
-        if self.hub is not None:
-            self.hub.committed(high)
-            self._pump_hub()
+        assert self.hub is not None
+        last = batch[-1][0]  # hand-over order, as the ingest writer reports it
+        mark = self.hub.ack_after(last)
+        assert mark <= high
+        self.store.acked[stream] = max(self.store.acked.get(stream, 0), mark)
+        self.hub.committed(last)
+        self._pump_hub()
 
     # --- the wire --------------------------------------------------------------------------
 

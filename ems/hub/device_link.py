@@ -158,6 +158,9 @@ class DeviceConnection:
 
     # --- called by others (sync: safe from any task) --------------------------------------------
 
+    def ack_after(self, seq: int) -> int:
+        return self.session.ack_after(seq)
+
     def committed(self, seq: int) -> None:
         """From the ingest writer: everything up to `seq` is stored."""
         self.session.committed(seq)

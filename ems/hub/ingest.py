@@ -33,8 +33,11 @@ log = get_logger("ems.hub.ingest")
 
 
 class CommitListener(Protocol):
+    def ack_after(self, seq: int) -> int:
+        """The ack that `committed(seq)` would leave (for the stream's stored mark)."""
+
     def committed(self, seq: int) -> None:
-        """Everything this connection submitted up to `seq` is durable."""
+        """Everything this connection submitted up to `seq` (in order) is durable."""
 
 
 @attrs.define(eq=False, kw_only=True)
@@ -132,6 +135,7 @@ class IngestWriter:
         batch = WriteBatch()
         marks: dict[tuple[str, str], int] = {}
         committed: dict[CommitListener, int] = {}
+        streams: dict[CommitListener, tuple[str, str]] = {}
         queries: list[AckedSeqQuery] = []
         for item in items:
             if isinstance(item, AckedSeqQuery):
@@ -145,11 +149,15 @@ class IngestWriter:
             if item.last_seen is not None:
                 previous = batch.last_seen.get(item.device_id, 0.0)
                 batch.last_seen[item.device_id] = max(previous, item.last_seen)
-            if item.seq is not None and item.stream is not None:
-                key = (item.device_id, item.stream)
-                marks[key] = max(marks.get(key, 0), item.seq)
-                if item.listener is not None:
-                    committed[item.listener] = max(committed.get(item.listener, 0), item.seq)
+            if item.seq is not None and item.stream is not None and item.listener is not None:
+                # The last of this connection's items in the batch (hand-over order).
+                committed[item.listener] = item.seq
+                streams[item.listener] = (item.device_id, item.stream)
+        # The stream's mark is what the connection will ack once this commits, never more: a
+        # seq that arrived out of order and is not in this batch holds it back.
+        for listener, seq in committed.items():
+            key = streams[listener]
+            marks[key] = max(marks.get(key, 0), listener.ack_after(seq))
         batch.marks = [StreamMark(device_id=d, stream=s, seq=q) for (d, s), q in marks.items()]
         if len(batch) or batch.last_seen:
             await self._write_with_retry(batch)

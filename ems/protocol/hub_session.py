@@ -207,14 +207,24 @@ class HubSession:
         elif self._move(Input.RECV_RELIABLE):
             self._on_reliable(message)
 
+    def _is_duplicate(self, seq: int) -> bool:
+        """At or below the acked seq (ack again), or already handed over and not yet durable
+        (the coming ack covers it). A seq above the ack that was never seen is new, even when
+        a higher one arrived first (the contract's duplicate rule is about the ack only)."""
+        if seq <= self.acked:
+            self._ack_owed = True
+            return True
+        return seq <= self.accepted and any(entry[0] == seq for entry in self._pending)
+
+    def _hand_over(self, seq: int) -> None:
+        self.accepted = max(self.accepted, seq)
+        self._pending.append([seq, False])
+
     def _on_reliable(self, message: m.ReliableMessage) -> None:
         seq = message.seq
-        if seq <= self.accepted:
-            if seq <= self.acked:
-                self._ack_owed = True  # a duplicate of something durable: ack again
+        if self._is_duplicate(seq):
             return
-        self.accepted = seq
-        self._pending.append([seq, False])
+        self._hand_over(seq)
         if isinstance(message, m.Telemetry | m.History) and message.rejected:
             self._queue_error(
                 ErrorCode.TELEMETRY_VALIDATION_FAILED,
@@ -237,20 +247,17 @@ class HubSession:
         seq = exc.seq
         if seq is None:
             return
-        if seq <= self.accepted:
-            if seq <= self.acked:
-                self._ack_owed = True
+        if self._is_duplicate(seq):
             return
         # Rejected for good: the store records the seq so the ack covers it, in order.
-        self.accepted = seq
-        self._pending.append([seq, False])
+        self._hand_over(seq)
         self._events.append(MessageReceived(seq, None))
 
     def _on_over_limit(self, seq: int | None, reliable: bool) -> None:
         self._strikes += 1
         self._queue_error(ErrorCode.RATE_LIMIT_EXCEEDED, "rate limit exceeded; slow down", seq=seq)
         if (
-            reliable and seq is not None and seq > self.accepted
+            reliable and seq is not None and seq > self.acked
         ) or self._strikes >= self.abuse_strikes:
             self._close(CloseCode.RATE_LIMITED, "rate limit exceeded")
 
@@ -275,20 +282,41 @@ class HubSession:
         )
         self._next_heartbeat = self.last_received + self.heartbeat_s
 
+    def ack_after(self, seq: int) -> int:
+        """The ack `committed(seq)` would leave (nothing changes): what the store may record as
+        the stream's acked seq in the same transaction."""
+        pending = self._pending
+        position = next((i for i, entry in enumerate(pending) if entry[0] == seq), None)
+        if position is None:
+            return self.acked
+        undone = [e[0] for i, e in enumerate(pending) if i > position and not e[1]]
+        limit = min(undone) if undone else None
+        acked = self.acked
+        for entry_seq in sorted(e[0] for e in pending):  # type: ignore[type-var]
+            if limit is not None and entry_seq >= limit:
+                break
+            acked = max(acked, entry_seq)  # type: ignore[type-var]
+        return acked  # type: ignore[return-value]
+
     def committed(self, seq: int) -> None:
-        """The store made every message up to `seq` handed over by this session durable."""
+        """The store made durable every message this session handed over, in hand-over order,
+        up to and including the one with `seq`."""
         self._move(Input.COMMITTED)
         pending = self._pending
-        for entry in pending:
-            if entry[0] > seq:  # type: ignore[operator]
-                break
-            entry[1] = True
-        advanced = False
-        while pending and pending[0][1]:
-            self.acked = pending.popleft()[0]  # type: ignore[assignment]
-            advanced = True
-        if advanced:
+        position = next((i for i, entry in enumerate(pending) if entry[0] == seq), None)
+        if position is None:
+            return
+        acked = self.ack_after(seq)
+        for index in range(position + 1):
+            pending[index][1] = True
+        # The ack covers the highest seq below which nothing handed over is still pending (a
+        # message that arrived out of order holds it back until it is stored too).
+        remaining = [e for e in pending if e[0] > acked or not e[1]]  # type: ignore[operator]
+        if acked > self.acked:
+            self.acked = acked
             self._ack_owed = True
+        pending.clear()
+        pending.extend(remaining)
 
     def send(self, message: object) -> None:
         """Queue a hub-to-device message (command, config, goaway...)."""

@@ -157,6 +157,26 @@ def test_duplicates_are_reacked_never_processed_twice() -> None:
     assert frames(hub) == [{"type": "ack", "seq": 6}]
 
 
+def test_out_of_order_arrival_is_stored_and_holds_the_ack_back() -> None:
+    """A client that sends 3 before 2 (the contract says seqs grow in send order) loses nothing
+    as long as 2 arrives before 3 is acked: 2 is new (above the ack), not a duplicate."""
+    hub = open_hub(acked=1)
+    frames(hub)
+    hub.receive_text(telemetry(3, ts=3), 1.0)
+    assert [e.seq for e in events(hub)] == [3]
+    hub.receive_text(telemetry(2, ts=2), 1.0)
+    assert [e.seq for e in events(hub)] == [2]
+    assert hub.ack_after(3) == 1  # 2 is still on its way to the store
+    hub.committed(3)
+    assert frames(hub) == []
+    assert hub.ack_after(2) == 3
+    hub.committed(2)
+    assert frames(hub) == [{"type": "ack", "seq": 3}]
+    hub.receive_text(telemetry(2, ts=2), 1.0)  # now a duplicate of something acked
+    assert events(hub) == []
+    assert frames(hub) == [{"type": "ack", "seq": 3}]
+
+
 def test_invalid_reliable_message_is_rejected_for_good_and_acked_in_order() -> None:
     hub = open_hub()
     frames(hub)
