@@ -19,6 +19,7 @@ from ems.hub.api import api
 from ems.hub.dashboard_link import serve_dashboard
 from ems.hub.device_link import serve_device
 from ems.hub.hub import Hub
+from ems.hub.pages import pages
 from ems.hub.settings import HubSettings, SettingsError
 
 DEVICE_PREFIX = "/ws/device/"
@@ -60,6 +61,7 @@ def create_app(settings: HubSettings | None = None) -> QuartTrio:
     hub = Hub(settings)
     app.config["EMS_HUB"] = hub
     app.register_blueprint(api)
+    app.register_blueprint(pages)
 
     @app.before_serving
     async def start_hub() -> None:
