@@ -135,7 +135,7 @@ def main() -> int:
             ],
             start_new_session=True,
         )  # fmt: skip
-        print(f"\nEMS hub on http://{HOST}:{PORT}/  (REST under /api, /health, /metrics)")
+        print(f"\nEMS dashboard: http://{HOST}:{PORT}/  (REST under /api, /health, /metrics)")
         print(f"admin login: username=admin password={password}")
         print(f"simulated devices streaming: {', '.join(DEVICES)}")
         print("Ctrl-C to stop.\n", flush=True)
