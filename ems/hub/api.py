@@ -8,7 +8,6 @@ an unread body. Handlers fetch the `Hub` from the app once and call it; they hol
 from __future__ import annotations
 
 import ipaddress
-import time
 from collections.abc import Awaitable, Callable
 from functools import wraps
 from typing import Any, TypeVar
@@ -37,6 +36,7 @@ from ems.hub.commands import (
     config_json,
 )
 from ems.hub.dashboard_link import SESSION_COOKIE
+from ems.hub.fanout import OTHER
 from ems.hub.hub import Hub
 from ems.hub.metrics import render_metrics
 from ems.hub.store import ArtifactRow, Conflict, SessionRecord, StoreError, UserRecord
@@ -608,8 +608,6 @@ async def broadcast(_: UserRecord) -> Response:
     event, data = _event_body(await json_object())
     h = hub()
     payload = orjson.dumps({"type": "notification", "event": event, "data": data})
-    from ems.hub.fanout import OTHER
-
     h.fanout.publish_to(list(h.fanout.subscribers), OTHER, payload)
     return json_response({"delivered": len(h.fanout.subscribers)}, 202)
 
@@ -621,14 +619,8 @@ async def notify_user(_: UserRecord, username: str) -> Response:
     h = hub()
     targets = [s for s in h.fanout.subscribers if s.username == username]
     payload = orjson.dumps({"type": "notification", "event": event, "data": data})
-    from ems.hub.fanout import OTHER
-
     h.fanout.publish_to(targets, OTHER, payload)
     return json_response({"delivered": len(targets)}, 202)
-
-
-def now_ms() -> float:
-    return time.time() * 1000.0
 
 
 # --- device control (commands, config, history requests) ---------------------------------------

@@ -15,7 +15,7 @@ from quart import Response
 from quart_trio import QuartTrio
 
 from ems import logs
-from ems.hub.api import api
+from ems.hub.api import api, error_response
 from ems.hub.dashboard_link import serve_dashboard
 from ems.hub.device_link import serve_device
 from ems.hub.hub import Hub
@@ -92,6 +92,4 @@ def create_app(settings: HubSettings | None = None) -> QuartTrio:
 
 
 def _error(status: int, code: str, message: str) -> Response:
-    from ems.hub.api import error_response
-
     return error_response(status, code, message)
