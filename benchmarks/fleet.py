@@ -261,6 +261,7 @@ class SimState:
     record: CommandRecord = attrs.field(factory=CommandRecord)
     counted_online: bool = False
     last_ts: float = 0.0
+    acked: trio.Event = attrs.field(factory=trio.Event)
 
 
 @attrs.define(eq=False)
@@ -314,6 +315,8 @@ class SimConnection:
                         del state.outbox[seq]
                     state.device.acked_seq = max(state.device.acked_seq, event.seq)
                     self.fleet.device_acked(state)
+                    state.acked.set()
+                    state.acked = trio.Event()
                 elif isinstance(event, LinkDead):
                     raise ConnectionError(event.reason)
             await self.flush()
@@ -324,7 +327,7 @@ class SimConnection:
         fleet = self.fleet
         state = self.state
         device = state.device
-        interval = 1.0 / fleet.rate
+        interval = 1.0 / fleet.rate if fleet.rate > 0 else 0.0
         next_at = trio.current_time()
         while not fleet.stop_sending.is_set():
             # ts grows strictly per device even when the loop runs late and catches up (the
@@ -345,8 +348,14 @@ class SimConnection:
             device.sent += len(samples)
             device.last_seq = seq
             await self.flush()
-            next_at += interval
-            await trio.sleep_until(next_at)
+            if fleet.rate > 0:
+                next_at += interval
+                await trio.sleep_until(next_at)
+            else:
+                # As fast as acks allow: keep one window of messages unacknowledged.
+                while len(state.outbox) >= self.session.max_in_flight:
+                    await state.acked.wait()
+                await trio.lowlevel.checkpoint()
 
     async def ticker(self) -> None:
         while True:
@@ -512,7 +521,7 @@ async def steady(args: argparse.Namespace) -> dict[str, Any]:
             await probe.start(nursery)
             connect_started = time.monotonic()
             for index, device in enumerate(devices):
-                delay = (index / len(devices)) * min(1.0 / args.rate, 5.0)
+                delay = (index / len(devices)) * (min(1.0 / args.rate, 5.0) if args.rate else 1.0)
                 nursery.start_soon(fleet.run_device, device, delay)
             with trio.move_on_after(120):
                 await fleet.all_online.wait()
@@ -628,7 +637,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--devices", type=int, nargs="+", default=[1000])
-    parser.add_argument("--rate", type=float, default=1.0, help="messages per second per device")
+    parser.add_argument(
+        "--rate", type=float, default=1.0, help="messages/s per device; 0: as fast as acks allow"
+    )
     parser.add_argument("--batch", type=int, default=1, help="samples per message")
     parser.add_argument("--metrics", type=int, default=5)
     parser.add_argument("--duration", type=float, default=30.0)
