@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import stat
 import sys
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -64,13 +65,16 @@ async def dashboard_items(dashboard: Any) -> list[dict[str, Any]]:
     return frame["messages"] if frame["type"] == "batch" else [frame]  # type: ignore[no-any-return]
 
 
-SEEN: dict[int, dict[tuple[str, str], dict[str, Any]]] = {}
+SEEN: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], dict[str, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Per dashboard connection: every (command id, status) seen so far."""
 
 
 async def command_reaches(dashboard: Any, command_id: str, status: str) -> dict[str, Any]:
     """The `command_status` of `command_id` with `status`, whenever it arrived on this
     dashboard (statuses of other commands met meanwhile are remembered, not lost)."""
-    seen = SEEN.setdefault(id(dashboard), {})
+    seen = SEEN.setdefault(dashboard, {})
     with trio.fail_after(HANG_GUARD_S * 2):
         while (command_id, status) not in seen:
             for item in await dashboard_items(dashboard):
