@@ -18,7 +18,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
@@ -149,16 +148,9 @@ class _Cluster:
                 f"pg_ctl start failed:\n{done.stdout}\n{done.stderr}\n{self.log_tail()}"
             )
         admin_url = f"postgresql://{_SUPERUSER}@127.0.0.1:{self.port}/postgres"
-        deadline = time.monotonic() + PG_START_TIMEOUT_S
-        while True:  # pg_ctl -w already waited; this only guards against a slow first accept
-            try:
-                with psycopg.connect(admin_url, autocommit=True, connect_timeout=2) as conn:
-                    conn.execute("CREATE DATABASE ems")
-                break
-            except psycopg.OperationalError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)  # fixture set-up, not a test body: pace the bounded poll
+        # `pg_ctl -w` returned only once the server accepts connections.
+        with psycopg.connect(admin_url, autocommit=True, connect_timeout=10) as conn:
+            conn.execute("CREATE DATABASE ems")
         return f"postgresql://{_SUPERUSER}@127.0.0.1:{self.port}/ems"
 
     def stop(self) -> None:

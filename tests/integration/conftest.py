@@ -8,10 +8,12 @@ with httpx (REST) and trio-websocket (links), as an outside client would.
 from __future__ import annotations
 
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -51,7 +53,6 @@ class HubProcess:
     def start(self, port: int = 0) -> None:
         assert self.process is None
         self.log_path = self.data_dir / f"hub-{time.monotonic_ns()}.log"
-        log = self.log_path.open("wb")
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -66,26 +67,27 @@ class HubProcess:
                 "ems.hub:app",
             ],
             env=self.env,
-            stdout=log,
+            stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             cwd=self.data_dir,
             start_new_session=True,  # hypercorn forks workers: stop them as one group
         )
-        log.close()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"hub exited at start:\n{self.log()}")
-            match = BIND_LINE.search(self.log_path.read_bytes())
-            if match:
-                self.port = int(match.group(1))
-                try:
-                    if httpx.get(f"{self.http}/health", timeout=2).status_code in (200, 503):
-                        return
-                except httpx.TransportError:
-                    pass
-            time.sleep(0.05)  # fixture start-up poll, not a test body
-        raise RuntimeError(f"hub did not start:\n{self.log()}")
+        # A thread copies the hub's output to its log file (until the process ends) and
+        # reports the port hypercorn bound, which it prints once the app has started.
+        bound: queue.Queue[int | None] = queue.Queue()
+        threading.Thread(
+            target=_copy_output, args=(self.process, self.log_path, bound), daemon=True
+        ).start()
+        try:
+            found = bound.get(timeout=30)
+        except queue.Empty:
+            found = None
+        if found is None:
+            raise RuntimeError(f"hub did not start:\n{self.log()}")
+        self.port = found
+        status = httpx.get(f"{self.http}/health", timeout=30).status_code
+        if status not in (200, 503):
+            raise RuntimeError(f"hub answered /health with {status}:\n{self.log()}")
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
         """Stop the hub (SIGTERM: graceful; SIGKILL: a crash); its exit code."""
@@ -155,6 +157,23 @@ class HubProcess:
         )
         assert response.status_code == 201, response.text
         return self.login(username, password)
+
+
+def _copy_output(
+    process: subprocess.Popen[bytes], log_path: Path, bound: queue.Queue[int | None]
+) -> None:
+    reported = False
+    assert process.stdout is not None
+    with log_path.open("wb") as log:
+        for line in process.stdout:
+            log.write(line)
+            log.flush()
+            match = None if reported else BIND_LINE.search(line)
+            if match:
+                reported = True
+                bound.put(int(match.group(1)))
+    if not reported:
+        bound.put(None)  # the hub exited before it was up
 
 
 def hub_env(data_dir: Path, **overrides: str) -> dict[str, str]:
