@@ -14,14 +14,14 @@ data), so commits use `synchronous = NORMAL`: a power cut may cost the last few 
 from __future__ import annotations
 
 import contextlib
-import functools
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import orjson
-import trio
+
+from ems.threads import SerialThread
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -206,11 +206,10 @@ class AsyncHistory:
 
     def __init__(self, store: HistoryStore) -> None:
         self.store = store
-        self._limiter = trio.CapacityLimiter(1)
+        self._thread = SerialThread()
 
     async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        call = functools.partial(fn, *args, **kwargs)
-        return await trio.to_thread.run_sync(call, limiter=self._limiter)
+        return await self._thread.run(fn, *args, **kwargs)
 
     async def open(self) -> None:
         await self._run(self.store.open)

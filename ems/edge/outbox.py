@@ -12,7 +12,6 @@ the agent can report it (heartbeat `status` and one `event`).
 
 from __future__ import annotations
 
-import functools
 import secrets
 import sqlite3
 from collections.abc import Callable
@@ -21,10 +20,10 @@ from typing import Any, ParamSpec, TypeVar
 
 import attrs
 import orjson
-import trio
 
 from ems.protocol import messages as m
 from ems.protocol._window import CommandRecord
+from ems.threads import SerialThread
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -311,12 +310,10 @@ class AsyncOutbox:
 
     def __init__(self, outbox: Outbox) -> None:
         self.sync = outbox
-        self._limiter = trio.CapacityLimiter(1)
+        self._thread = SerialThread()
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        return await trio.to_thread.run_sync(
-            functools.partial(fn, *args, **kwargs), limiter=self._limiter
-        )
+        return await self._thread.run(fn, *args, **kwargs)
 
     @property
     def stream(self) -> str:

@@ -8,11 +8,10 @@ call never overlaps it. Callers batch (`write_batch`) so one hop carries many ro
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-import trio
+from ems.threads import SerialThread
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -57,11 +56,10 @@ class AsyncStore:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._limiter = trio.CapacityLimiter(1)
+        self._thread = SerialThread()
 
     async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        call = functools.partial(fn, *args, **kwargs)
-        return await trio.to_thread.run_sync(call, limiter=self._limiter)
+        return await self._thread.run(fn, *args, **kwargs)
 
     async def open(self) -> None:
         await self._run(self.store.open)
