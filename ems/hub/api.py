@@ -252,13 +252,31 @@ async def health() -> Response:
         store = "down"
     if not h.store_ok:
         store = "down"
-    body = {
-        "status": "ok" if store == "ok" else "degraded",
+    cluster = await h.bus.cluster()
+    local = cluster.hubs[0]
+    body: dict[str, Any] = {
+        "status": "ok" if store == "ok" and h.bus.ok else "degraded",
         "uptime_s": round(trio.current_time() - h.started_at, 3),
-        "connected_devices": sum(1 for c in h.connections.values() if c.welcomed),
-        "connected_dashboards": len(h.fanout.subscribers),
+        # The whole cluster's (one hub: this one's); `hub` has this process's own figures.
+        "connected_devices": len(cluster.devices),
+        "connected_dashboards": sum(x["connected_dashboards"] for x in cluster.hubs),
         "store": store,
+        "hub": {
+            "hub_id": h.bus.hub_id,
+            "connected_devices": local["connected_devices"],
+            "connected_dashboards": local["connected_dashboards"],
+        },
     }
+    if h.bus.enabled:
+        body["bus"] = "ok" if h.bus.ok else "down"
+        body["hubs"] = len(cluster.hubs)
+    reasons = []
+    if store != "ok":
+        reasons.append("store unreachable")
+    if not h.bus.ok:
+        reasons.append(h.bus.reason or "redis unreachable")
+    if reasons:
+        body["reason"] = "; ".join(reasons)
     return json_response(body, 200 if store == "ok" else 503)
 
 
@@ -516,6 +534,7 @@ async def put_rules(_: UserRecord) -> Response:
     h = hub()
     await h.store.put_alert_rules([r.to_json() for r in rules])
     h.alerts.set_rules(rules)
+    h.bus.publish("rules", {})
     log.info("alert_rules_updated", count=len(rules))
     return json_response({"rules": [r.to_json() for r in rules]})
 
@@ -523,23 +542,13 @@ async def put_rules(_: UserRecord) -> Response:
 # --- realtime -----------------------------------------------------------------------------------
 
 
-def _connected_devices() -> list[dict[str, Any]]:
-    h = hub()
-    return [
-        {
-            "device_id": c.device_id,
-            "session_id": c.session_id,
-            "connected_at": c.connected_at,
-            "last_seen": h.devices[c.device_id].last_seen if c.device_id in h.devices else None,
-            "owner": c.owner,
-            "status": c.status,
-        }
-        for c in h.connections.values()
-        if c.welcomed
-    ]
+async def _cluster_devices() -> list[dict[str, Any]]:
+    """Devices connected to any hub of the cluster (one hub: this one), with their hub."""
+    return sorted((await hub().bus.cluster()).devices, key=lambda d: d["device_id"])
 
 
 def _connected_users() -> list[dict[str, Any]]:
+    h = hub()
     return [
         {
             "username": s.username,
@@ -547,16 +556,26 @@ def _connected_users() -> list[dict[str, Any]]:
             "subscriptions": sorted(s.devices) + (["*"] if s.wildcard else []),
             "queued": len(s.queue),
             "dropped": s.queue.dropped_total,
+            "hub": h.bus.hub_id,
         }
-        for s in hub().fanout.subscribers
+        for s in h.fanout.subscribers
     ]
+
+
+async def _cluster_users() -> list[dict[str, Any]]:
+    """This hub's dashboards in full; the other hubs' by username (all they publish)."""
+    cluster = await hub().bus.cluster()
+    users = _connected_users()
+    for other in cluster.hubs[1:]:
+        users.extend({"username": u, "hub": other["hub_id"]} for u in other.get("users", ()))
+    return users
 
 
 @api.get("/api/realtime/connections")
 @requires("admin")
 async def realtime_connections(_: UserRecord) -> Response:
-    devices = _connected_devices()
-    users = _connected_users()
+    devices = await _cluster_devices()
+    users = await _cluster_users()
     return json_response(
         {"devices": devices, "users": users, "total_connections": len(devices) + len(users)}
     )
@@ -565,13 +584,13 @@ async def realtime_connections(_: UserRecord) -> Response:
 @api.get("/api/realtime/devices")
 @requires("admin")
 async def realtime_devices(_: UserRecord) -> Response:
-    return json_response({"devices": _connected_devices()})
+    return json_response({"devices": await _cluster_devices()})
 
 
 @api.get("/api/realtime/users")
 @requires("admin")
 async def realtime_users(_: UserRecord) -> Response:
-    return json_response({"users": _connected_users()})
+    return json_response({"users": await _cluster_users()})
 
 
 @api.get("/api/realtime/status")
@@ -579,10 +598,14 @@ async def realtime_users(_: UserRecord) -> Response:
 async def realtime_status(_: UserRecord) -> Response:
     h = hub()
     c = h.counters
+    cluster = await h.bus.cluster()
     return json_response(
         {
-            "connected_devices": sum(1 for conn in h.connections.values() if conn.welcomed),
-            "connected_dashboards": len(h.fanout.subscribers),
+            "connected_devices": len(cluster.devices),
+            "connected_dashboards": sum(x["connected_dashboards"] for x in cluster.hubs),
+            "hubs": len(cluster.hubs),
+            "hub_id": h.bus.hub_id,
+            "bus": ("ok" if h.bus.ok else "down") if h.bus.enabled else "off",
             "uptime_s": round(trio.current_time() - h.started_at, 3),
             "frames_in": c.frames_in,
             "frames_out": c.frames_out,
@@ -609,7 +632,9 @@ async def broadcast(_: UserRecord) -> Response:
     h = hub()
     payload = orjson.dumps({"type": "notification", "event": event, "data": data})
     h.fanout.publish_to(list(h.fanout.subscribers), OTHER, payload)
-    return json_response({"delivered": len(h.fanout.subscribers)}, 202)
+    h.bus.publish("notify", {"u": None, "k": OTHER, "p": payload.decode()})
+    delivered = len(h.fanout.subscribers) + h.bus.other_dashboards()
+    return json_response({"delivered": delivered}, 202)
 
 
 @api.post("/api/realtime/user/<username>")
@@ -620,7 +645,9 @@ async def notify_user(_: UserRecord, username: str) -> Response:
     targets = [s for s in h.fanout.subscribers if s.username == username]
     payload = orjson.dumps({"type": "notification", "event": event, "data": data})
     h.fanout.publish_to(targets, OTHER, payload)
-    return json_response({"delivered": len(targets)}, 202)
+    h.bus.publish("notify", {"u": username, "k": OTHER, "p": payload.decode()})
+    delivered = len(targets) + h.bus.other_dashboards(username)
+    return json_response({"delivered": delivered}, 202)
 
 
 # --- device control (commands, config, history requests) ---------------------------------------

@@ -8,6 +8,8 @@ flushed and stopped in `after_serving`.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import sys
 from typing import Any
 
@@ -18,6 +20,7 @@ from ems import logs
 from ems.hub.api import api, error_response
 from ems.hub.dashboard_link import serve_dashboard
 from ems.hub.device_link import serve_device
+from ems.hub.guard import HubRefused
 from ems.hub.hub import Hub
 from ems.hub.pages import pages
 from ems.hub.settings import HubSettings, SettingsError
@@ -65,7 +68,16 @@ def create_app(settings: HubSettings | None = None) -> QuartTrio:
 
     @app.before_serving
     async def start_hub() -> None:
-        await app.nursery.start(hub.run)
+        try:
+            await app.nursery.start(hub.run)
+        except HubRefused as exc:
+            print(f"ems hub: refusing to start: {exc}", file=sys.stderr, flush=True)  # noqa: T201
+            if multiprocessing.parent_process() is not None:
+                # A hypercorn worker: hypercorn would log a failed lifespan and carry on (or
+                # start the worker again). Nothing is open yet; the process ends with status 2,
+                # and hypercorn stops its other workers and exits with it.
+                os._exit(2)
+            raise
 
     @app.after_serving
     async def stop_hub() -> None:

@@ -126,7 +126,7 @@ class CommandService:
         hub = self.hub
         delivery = delivery or delivery_for(kind, name)
         conn = hub.live_connection(device_id)
-        if delivery is Delivery.ONLINE_ONLY and conn is None:
+        if delivery is Delivery.ONLINE_ONLY and conn is None and not hub.is_online(device_id):
             raise DeviceOffline(device_id)
         now = hub.now_ms()
         command_id = secrets.token_hex(12)
@@ -167,7 +167,37 @@ class CommandService:
         self.publish([row])
         if conn is not None:
             row = await self._send(conn, row) or row
+        else:
+            # Connected to another hub, perhaps: it reads the row from the shared store.
+            hub.bus.publish("wake", {"d": device_id})
         return row
+
+    async def wake(self, device_id: str) -> None:
+        """Another hub stored commands for `device_id`: send the ones not sent yet, if the
+        device is connected here (a redelivery of `sent` ones waits for its next `welcome`)."""
+        hub = self.hub
+        conn = hub.live_connection(device_id)
+        if conn is None:
+            return
+        for row in await hub.store.deliverable_commands(device_id, hub.now_ms()):
+            if row.status == "pending":
+                await self._send(conn, row)
+
+    async def push_config(self, device_id: str) -> None:
+        """Another hub stored a new desired config for `device_id`: forget the cached version
+        (a later `welcome` here must announce the new one) and push it if connected here."""
+        hub = self.hub
+        info = hub.devices.get(device_id)
+        if info is not None:
+            info.desired_config_version = None
+        conn = hub.live_connection(device_id)
+        if conn is None:
+            return
+        state = await hub.store.get_config(device_id)
+        if state is not None:
+            if info is not None:
+                info.desired_config_version = state.desired_version
+            conn.send_message(m.Config(version=state.desired_version, config=state.desired))
 
     # --- delivering ----------------------------------------------------------------------------
 
@@ -244,6 +274,8 @@ class CommandService:
         conn = hub.live_connection(device_id)
         if conn is not None:
             conn.send_message(m.Config(version=state.desired_version, config=state.desired))
+        # The other hubs forget their cached version, and push it if the device is theirs.
+        hub.bus.publish("config", {"d": device_id})
         log.info(
             "config_desired",
             device_id=device_id,

@@ -100,7 +100,9 @@ async def serve_device(
         )
         return
     token = bearer_token(scope)
-    if not DEVICE_ID.fullmatch(device_id) or not hub.device_token_ok(device_id, token):
+    if not DEVICE_ID.fullmatch(device_id) or not await hub.device_token_ok_anywhere(
+        device_id, token
+    ):
         hub.counters.auth_failures += 1
         log.info("device_auth_failed", device_id=device_id[:64], had_token=token is not None)
         await deny(scope, send, 403, "AUTHENTICATION_FAILED", "missing or invalid device token")
@@ -367,6 +369,7 @@ class DeviceConnection:
                 )
         if not self.inherits_online:
             hub.publish_status(self.device_id, True)
+        hub.bus.device_on(self)
         log.info(
             "device_connected",
             device_id=self.device_id,
@@ -448,6 +451,7 @@ class DeviceConnection:
         device_id = self.device_id
         seq = message.seq
         targets = hub.fanout.targets(device_id, info.owner)
+        relay = hub.fanout.relay  # the other hubs' dashboards (when there are other hubs)
         evaluate = hub.alerts.evaluate
         rows = item.samples
         for sample in message.samples:
@@ -456,7 +460,7 @@ class DeviceConnection:
             rows.append(SampleRow(device_id=device_id, seq=seq, ts=ts, data=data))
             if info.latest is None or ts >= info.latest[1]:
                 info.latest = (seq, ts, data)
-            if targets:
+            if targets or relay is not None:
                 payload = orjson.dumps(
                     {
                         "type": "telemetry_update",
@@ -466,8 +470,11 @@ class DeviceConnection:
                         "data": data,
                     }
                 )
-                for subscriber in targets:
-                    subscriber.queue.put(TELEMETRY, payload)
+                if targets:
+                    for subscriber in targets:
+                        subscriber.queue.put(TELEMETRY, payload)
+                if relay is not None:
+                    relay(device_id, info.owner, TELEMETRY, payload)
             fired = evaluate(device_id, data)
             if fired:
                 for firing in fired:

@@ -9,7 +9,7 @@ first (alerts, statuses and command updates stay) and the next frame starts with
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
@@ -109,6 +109,8 @@ class FanOut:
     _wildcard_admins: set[Subscriber] = attrs.field(factory=set)
     _wildcard_by_owner: dict[str, set[Subscriber]] = attrs.field(factory=dict)
     subscribers: set[Subscriber] = attrs.field(factory=set)
+    relay: Callable[[str, str | None, int, bytes], None] | None = None
+    """Set when other hub processes exist (the bus): every update is offered to them too."""
 
     def add(self, subscriber: Subscriber) -> None:
         self.subscribers.add(subscriber)
@@ -170,6 +172,13 @@ class FanOut:
         return found
 
     def publish(self, device_id: str, owner: str | None, kind: int, payload: bytes) -> int:
+        """To this hub's subscribers of `device_id`, and to the other hubs' (through `relay`)."""
+        if self.relay is not None:
+            self.relay(device_id, owner, kind, payload)
+        return self.publish_local(device_id, owner, kind, payload)
+
+    def publish_local(self, device_id: str, owner: str | None, kind: int, payload: bytes) -> int:
+        """To this hub's subscribers only (what another hub relayed)."""
         targets = self.targets(device_id, owner)
         if not targets:
             return 0

@@ -21,8 +21,10 @@ import trio
 
 from ems.hub import auth
 from ems.hub.alerts import DEFAULT_RULES, AlertEvaluator, parse_rules
+from ems.hub.bus import LocalBus, RedisBus, open_bus
 from ems.hub.commands import CommandService
 from ems.hub.fanout import OTHER, FanOut
+from ems.hub.guard import SingleProcessGuard
 from ems.hub.ingest import IngestWriter
 from ems.hub.store import AsyncStore, Conflict, DeviceRecord, UserRecord, open_store
 from ems.logs import get_logger
@@ -104,6 +106,9 @@ class Hub:
     counters: Counters = attrs.field(init=False, factory=Counters)
     gc_pauses: GcPauses = attrs.field(init=False, factory=GcPauses)
     commands: CommandService = attrs.field(init=False)
+    bus: LocalBus | RedisBus = attrs.field(init=False)
+    """The other hub processes (a no-op without `EMS_REDIS_URL`)."""
+    guard: SingleProcessGuard = attrs.field(init=False)
     login_limiter: auth.LoginLimiter = attrs.field(init=False)
     store_ok: bool = attrs.field(init=False, default=True)
     started_at: float = attrs.field(init=False, default=0.0)
@@ -115,6 +120,8 @@ class Hub:
     """login token hash -> (user, cached until (monotonic), token expiry (epoch ms))"""
     _stopped: trio.Event = attrs.field(init=False, factory=trio.Event)
     _writer_done: trio.Event = attrs.field(init=False, factory=trio.Event)
+    _quiet: trio.Event = attrs.field(init=False, factory=trio.Event)
+    """Set when the store is flushed and the other hubs were told goodbye."""
 
     def __attrs_post_init__(self) -> None:
         settings = self.settings
@@ -130,6 +137,10 @@ class Hub:
         self.login_limiter = auth.LoginLimiter(limit=settings.login_attempts_per_minute)
         self.commands = CommandService(self)
         self.ingest.after_commit = self._after_commit
+        self.bus = open_bus(self)
+        if self.bus.enabled:
+            self.fanout.relay = self.bus.fan
+        self.guard = SingleProcessGuard(settings)
 
     def _store_health(self, ok: bool) -> None:
         if ok != self.store_ok:
@@ -143,11 +154,19 @@ class Hub:
 
     async def run(self, *, task_status: trio.TaskStatus[Hub] = trio.TASK_STATUS_IGNORED) -> None:
         """Open the store, load the directory, start the writer and the sweeper."""
+        await trio.to_thread.run_sync(self.guard.acquire)
+        try:
+            await self._run(task_status)
+        finally:
+            self.guard.release()
+
+    async def _run(self, task_status: trio.TaskStatus[Hub]) -> None:
         await self.store.open()
         await self._bootstrap_admin()
         await self._load_directory()
         self.started_at = trio.current_time()
         async with trio.open_nursery() as nursery:
+            await nursery.start(self.bus.run)
             nursery.start_soon(self._run_writer)
             nursery.start_soon(self._sweep_liveness)
             nursery.start_soon(self._purge_expired)
@@ -155,12 +174,14 @@ class Hub:
             _tune_gc(self.settings.gc_gen0_threshold)
             gc.callbacks.append(self.gc_pauses.callback)
             task_status.started(self)
-            log.info("hub_started", devices=len(self.devices))
+            log.info("hub_started", devices=len(self.devices), hub_id=self.bus.hub_id)
             await self._stopped.wait()
             # Commit what is queued, then stop the helpers.
             self.ingest.close()
             with trio.move_on_after(10):
                 await self._writer_done.wait()
+            await self.bus.aclose()
+            self._quiet.set()
             nursery.cancel_scope.cancel()
         with trio.move_on_after(5, shield=True):
             await self.store.close()
@@ -177,8 +198,8 @@ class Hub:
     async def stop(self) -> None:
         """Flush the store and end `run` (called from the app's shutdown hook)."""
         self._stopped.set()
-        with trio.move_on_after(10):
-            await self._writer_done.wait()
+        with trio.move_on_after(15):
+            await self._quiet.wait()
 
     async def _bootstrap_admin(self) -> None:
         if await self.store.get_user("admin") is not None:
@@ -267,6 +288,7 @@ class Hub:
         self.devices[device_id] = DeviceInfo(
             device_id=device_id, owner=owner, token_hash=record.token_hash
         )
+        self.bus.publish("dev", {"d": device_id})
         log.info("device_created", device_id=device_id, owner=owner)
         return record, token
 
@@ -280,6 +302,7 @@ class Hub:
             return None
         info.token_hash = new_hash
         self._close_device(device_id, CloseCode.REVOKED, "token rotated")
+        self.bus.publish("dev", {"d": device_id})
         log.info("device_token_rotated", device_id=device_id)
         return token
 
@@ -291,8 +314,50 @@ class Hub:
         # A device re-created under this id may belong to someone else: end the subscriptions.
         self.fanout.forget_device(device_id)
         self._close_device(device_id, CloseCode.REVOKED, "device deleted")
+        self.bus.publish("dev", {"d": device_id})
         log.info("device_deleted", device_id=device_id)
         return True
+
+    async def reload_device(self, device_id: str) -> DeviceInfo | None:
+        """Read one device from the store again (another hub created, rotated or deleted it).
+        A live connection whose token is no longer the device's is closed with 4003."""
+        record = await self.store.get_device(device_id)
+        info = self.devices.get(device_id)
+        if record is None:
+            if info is not None:
+                self.devices.pop(device_id, None)
+                self.alerts.forget(device_id)
+                self.fanout.forget_device(device_id)
+                self._close_device(device_id, CloseCode.REVOKED, "device deleted")
+            return None
+        if info is None:
+            info = DeviceInfo(
+                device_id=device_id,
+                owner=record.owner,
+                token_hash=record.token_hash,
+                last_seen=record.last_seen,
+                firmware=record.firmware,
+            )
+            self.devices[device_id] = info
+        elif info.token_hash != record.token_hash:
+            info.token_hash = record.token_hash
+            self._close_device(device_id, CloseCode.REVOKED, "token rotated")
+        info.owner = record.owner
+        return info
+
+    async def device_token_ok_anywhere(self, device_id: str, token: str | None) -> bool:
+        """`device_token_ok`, asking the store about a device this hub has not heard of (it
+        may have been created through another hub a moment ago)."""
+        if device_id not in self.devices and token:
+            try:
+                await self.reload_device(device_id)
+            except Exception as exc:  # the store is down: unknown stays unknown
+                log.warning("device_lookup_failed", device_id=device_id, error=str(exc)[:200])
+        return self.device_token_ok(device_id, token)
+
+    async def reload_alert_rules(self) -> None:
+        stored = await self.store.get_alert_rules()
+        self.alerts.set_rules(DEFAULT_RULES if stored is None else parse_rules(stored))
 
     def _close_device(self, device_id: str, code: CloseCode, reason: str) -> None:
         # The current connection, welcomed or still before its `hello` (older ones are closing).
@@ -329,7 +394,12 @@ class Hub:
         return user
 
     def forget_session(self, token: str) -> None:
-        self._session_cache.pop(auth.token_hash(token), None)
+        key = auth.token_hash(token)
+        self._session_cache.pop(key, None)
+        self.bus.publish("logout", {"h": key})
+
+    def forget_session_hash(self, key: str) -> None:
+        self._session_cache.pop(key, None)
 
     async def snapshot(self, device_ids: list[str]) -> list[dict[str, Any]]:
         """`subscribed`'s snapshot: online, last_seen and the latest sample of each device."""
@@ -340,7 +410,6 @@ class Hub:
             info = self.devices.get(device_id)
             if info is None:
                 continue
-            conn = self.connections.get(device_id)
             latest: dict[str, Any] | None = None
             if info.latest is not None:
                 latest = {"ts": info.latest[1], "data": info.latest[2]}
@@ -350,7 +419,7 @@ class Hub:
             out.append(
                 {
                     "device_id": device_id,
-                    "online": conn is not None and conn.online,
+                    "online": self.is_online(device_id),
                     "last_seen": info.last_seen,
                     "latest": latest,
                 }
@@ -386,8 +455,11 @@ class Hub:
                 self.commands.publish_config(state)
 
     def is_online(self, device_id: str) -> bool:
+        """Online here or on another hub of the cluster."""
         conn = self.connections.get(device_id)
-        return conn is not None and conn.online
+        if conn is not None and conn.online:
+            return True
+        return self.bus.remote_hub_of(device_id) is not None
 
     # --- registry ----------------------------------------------------------------------------
 
@@ -401,11 +473,29 @@ class Hub:
             conn.inherits_online = older.online
             self.counters.replaced += 1
             older.replaced_by_newer()
+        elif self.bus.remote_hub_of(conn.device_id) is not None:
+            conn.inherits_online = True  # online on another hub until now
+        self.bus.claim(conn)
+
+    def remote_claim(self, device_id: str, connected_at: float) -> None:
+        """Another hub accepted a connection of `device_id`: an older one here is a ghost."""
+        conn = self.connections.get(device_id)
+        if conn is None or conn.connected_at >= connected_at:
+            return
+        # Out of the registry first: its end must not announce the device offline.
+        del self.connections[device_id]
+        self.counters.replaced += 1
+        if conn.welcomed:
+            self.bus.device_off(device_id)
+        conn.replaced_by_newer()
+        log.info("device_replaced_elsewhere", device_id=device_id, session_id=conn.session_id)
 
     def release(self, conn: DeviceConnection) -> bool:
         """`conn` ended; True when it was the device's current connection (now offline)."""
         if self.connections.get(conn.device_id) is conn:
             del self.connections[conn.device_id]
+            if conn.welcomed:
+                self.bus.device_off(conn.device_id)
             return True
         return False
 

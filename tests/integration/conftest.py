@@ -29,6 +29,8 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 
 ADMIN_PASSWORD = "admin-password-for-tests"
 BIND_LINE = re.compile(rb"Running on http://127\.0\.0\.1:(\d+)")
+HANG_GUARD_S = 15.0
+"""A test that waits longer than this for a message has failed (a guard, not a timing check)."""
 
 
 @attrs.define
@@ -41,6 +43,8 @@ class HubProcess:
     port: int = 0
     log_path: Path | None = None
     _admin_token: str | None = None
+    lines: LogLines = attrs.field(factory=lambda: LogLines())
+    """Every line the hub printed, across restarts, for tests that wait on a log event."""
 
     @property
     def http(self) -> str:
@@ -76,7 +80,9 @@ class HubProcess:
         # reports the port hypercorn bound, which it prints once the app has started.
         bound: queue.Queue[int | None] = queue.Queue()
         threading.Thread(
-            target=_copy_output, args=(self.process, self.log_path, bound), daemon=True
+            target=_copy_output,
+            args=(self.process, self.log_path, bound, self.lines),
+            daemon=True,
         ).start()
         try:
             found = bound.get(timeout=30)
@@ -159,8 +165,39 @@ class HubProcess:
         return self.login(username, password)
 
 
+class LogLines:
+    """A hub's output lines, and a way to wait (in a thread) for one containing a text."""
+
+    def __init__(self) -> None:
+        self._lines: list[bytes] = []
+        self._changed = threading.Condition()
+
+    def append(self, line: bytes) -> None:
+        with self._changed:
+            self._lines.append(line)
+            self._changed.notify_all()
+
+    def mark(self) -> int:
+        """Where the output is now: `wait_for(..., after=mark)` ignores what came before."""
+        with self._changed:
+            return len(self._lines)
+
+    def wait_for(self, text: str, *, after: int = 0, timeout: float = HANG_GUARD_S) -> str:
+        needle = text.encode()
+        with self._changed:
+            found = self._changed.wait_for(
+                lambda: any(needle in line for line in self._lines[after:]), timeout=timeout
+            )
+            if not found:
+                raise AssertionError(f"the hub never logged {text!r}")
+            return next(line for line in self._lines[after:] if needle in line).decode()
+
+
 def _copy_output(
-    process: subprocess.Popen[bytes], log_path: Path, bound: queue.Queue[int | None]
+    process: subprocess.Popen[bytes],
+    log_path: Path,
+    bound: queue.Queue[int | None],
+    lines: LogLines,
 ) -> None:
     reported = False
     assert process.stdout is not None
@@ -168,6 +205,7 @@ def _copy_output(
         for line in process.stdout:
             log.write(line)
             log.flush()
+            lines.append(line)
             match = None if reported else BIND_LINE.search(line)
             if match:
                 reported = True
@@ -235,8 +273,6 @@ async def send_json(ws: WebSocketConnection, message: dict[str, Any]) -> None:
     await ws.send_message(orjson.dumps(message).decode())
 
 
-HANG_GUARD_S = 15.0
-"""A test that waits longer than this for a message has failed (a guard, not a timing check)."""
 
 
 async def receive_json(ws: WebSocketConnection) -> dict[str, Any]:
