@@ -399,3 +399,27 @@ async def test_a_second_hub_on_postgres_without_redis_is_refused(
     assert "EMS_REDIS_URL" in output
     # The first one is unharmed.
     assert (await call(first.request, "GET", "/health", token="")).status_code == 200
+
+
+async def test_broadcasts_and_user_notifications_reach_dashboards_on_every_hub(
+    cluster: Cluster,
+) -> None:
+    a, b = cluster.a, cluster.b
+    await call(a.create_user, "bob", "viewer")
+    bob = await call(b.login, "bob", "password-1")
+    async with AsyncExitStack() as stack:
+        admin_on_b = await watching(stack, b, await call(b.admin_token), [])
+        bob_on_b = await watching(stack, b, bob, [])
+        response = await call(
+            a.request, "POST", "/api/realtime/broadcast", json={"event": "maintenance", "data": 1}
+        )
+        assert response.status_code == 202, response.text
+        for dashboard in (admin_on_b, bob_on_b):
+            note = await next_of(dashboard, "notification")
+            assert (note["event"], note["data"]) == ("maintenance", 1)
+        response = await call(
+            a.request, "POST", "/api/realtime/user/bob", json={"event": "hello", "data": {"x": 1}}
+        )
+        assert response.status_code == 202, response.text
+        note = await next_of(bob_on_b, "notification")
+        assert (note["event"], note["data"]) == ("hello", {"x": 1})
