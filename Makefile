@@ -22,16 +22,27 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Short versions, under ~3 minutes in all (benchmarks/README.md, "Step 6 scenarios").
 bench: $(STAMP)
 	$(PY) benchmarks/codec.py --seconds 1
 	$(PY) benchmarks/fleet.py --devices 200 --duration 10 --label bench
+	$(PY) benchmarks/fleet.py --devices 50 --rate 0 --batch 10 --duration 10 --fleet-procs 2 --label bench-throughput --hub-env EMS_RATE_LIMIT_PER_S=5000 EMS_RATE_LIMIT_BURST=5000
+	$(PY) benchmarks/fleet.py --scenario connect-storm --devices 1000 --rate 0.2 --duration 60 --label bench-connect-storm
+	$(PY) benchmarks/fleet.py --scenario reconnect-storm --devices 300 --duration 3 --label bench-reconnect-storm --hub-env EMS_GOAWAY_SPREAD_MS=2000
+	$(PY) benchmarks/fleet.py --scenario slow-dashboard --devices 1000 --duration 10 --label bench-slow-dashboard
 
 bench-full: $(STAMP)
 	$(PY) benchmarks/codec.py
-	$(PY) benchmarks/fleet.py --devices 500 1000 2000 --duration 30 --label steady
+	$(PY) benchmarks/fleet.py --devices 500 1000 2000 5000 --duration 30 --fleet-procs 2 --label steady
+	$(PY) benchmarks/fleet.py --devices 10000 --rate 0.2 --duration 30 --fleet-procs 2 --label steady
 	# the collector's effect: Python's defaults against the hub's tuning, same fleet
 	$(PY) benchmarks/fleet.py --devices 2000 --duration 30 --label gc-default --hub-env EMS_GC_GEN0_THRESHOLD=0
 	$(PY) benchmarks/fleet.py --devices 2000 --duration 30 --label gc-tuned
+	$(PY) benchmarks/fleet.py --devices 50 --rate 0 --batch 10 --duration 15 --fleet-procs 2 --label throughput --hub-env EMS_RATE_LIMIT_PER_S=5000 EMS_RATE_LIMIT_BURST=5000
+	$(PY) benchmarks/fleet.py --scenario connect-storm --devices 10000 --rate 0.2 --duration 180 --fleet-procs 2
+	$(PY) benchmarks/fleet.py --scenario reconnect-storm --devices 5000 --rate 1 --duration 10 --fleet-procs 2
+	$(PY) benchmarks/fleet.py --scenario slow-dashboard --devices 1000 --duration 20
+	$(PY) benchmarks/plot.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache tests/artifacts
