@@ -150,6 +150,8 @@ class AlertEvaluator:
     def evaluate(self, device_id: str, data: dict[str, Any]) -> list[Firing] | None:
         """Rules that start to hold with this sample (None, the common case, for none)."""
         by_metric = self._by_metric
+        if by_metric.keys().isdisjoint(data):
+            return None  # the common case: no rule watches any metric of this sample
         fired: list[Firing] | None = None
         for metric, value in data.items():
             rules = by_metric.get(metric)

@@ -142,6 +142,9 @@ class HubSession:
     _next_heartbeat: float | None = attrs.field(init=False, default=None)
     # seqs handed to the store, in order, with True once durable or rejected for good
     _pending: deque[list[int | bool]] = attrs.field(init=False, factory=deque)
+    _in_order: bool = attrs.field(init=False, default=True)
+    # every seq in `_pending` arrived above all before it, and none is marked durable (the
+    # common case: `ack_after` and `committed` need no sort then)
     _ack_owed: bool = attrs.field(init=False, default=False)
     _events: deque[HubEvent] = attrs.field(init=False, factory=deque)
     _outgoing: list[str] = attrs.field(init=False, factory=list)
@@ -217,7 +220,10 @@ class HubSession:
         return seq <= self.accepted and any(entry[0] == seq for entry in self._pending)
 
     def _hand_over(self, seq: int) -> None:
-        self.accepted = max(self.accepted, seq)
+        if seq < self.accepted:
+            self._in_order = False
+        else:
+            self.accepted = seq
         self._pending.append([seq, False])
 
     def _on_reliable(self, message: m.ReliableMessage) -> None:
@@ -286,6 +292,15 @@ class HubSession:
         """The ack `committed(seq)` would leave (nothing changes): what the store may record as
         the stream's acked seq in the same transaction."""
         pending = self._pending
+        if pending and pending[-1][0] == seq:
+            # Everything handed over is covered: the highest seq ever handed over (which is
+            # `accepted`, or at or below the ack when it already left the queue).
+            return max(self.acked, self.accepted)
+        if self._in_order:
+            for entry in pending:
+                if entry[0] == seq:
+                    return max(self.acked, seq)
+            return self.acked
         position = next((i for i, entry in enumerate(pending) if entry[0] == seq), None)
         if position is None:
             return self.acked
@@ -303,6 +318,8 @@ class HubSession:
         up to and including the one with `seq`."""
         self._move(Input.COMMITTED)
         pending = self._pending
+        if self._commit_fast(seq):
+            return
         position = next((i for i, entry in enumerate(pending) if entry[0] == seq), None)
         if position is None:
             return
@@ -317,6 +334,35 @@ class HubSession:
             self._ack_owed = True
         pending.clear()
         pending.extend(remaining)
+        if not pending:
+            self._in_order = True
+
+    def _commit_fast(self, seq: int) -> bool:
+        """`committed(seq)` when `seq` is the last handed over or everything pending is in
+        order (nothing held back): the ack covers `seq`, and what follows it stays pending.
+        False when `seq` is not pending, or the general case applies."""
+        pending = self._pending
+        if pending and pending[-1][0] == seq:
+            acked = max(self.acked, self.accepted)
+            pending.clear()
+            self._in_order = True
+        elif self._in_order:
+            count = 0
+            for entry in pending:
+                count += 1
+                if entry[0] == seq:
+                    break
+            else:
+                return True  # not pending: nothing to do (as in the general case)
+            for _ in range(count):
+                pending.popleft()
+            acked = max(self.acked, seq)
+        else:
+            return False
+        if acked > self.acked:
+            self.acked = acked
+            self._ack_owed = True
+        return True
 
     def send(self, message: object) -> None:
         """Queue a hub-to-device message (command, config, goaway...)."""
