@@ -4,13 +4,19 @@ For each hub (`ems`, `fastapi`, `socketio`), in turn and started fresh: N device
 process (trio-websocket, one connection each, starts and sends staggered evenly over a second)
 send one telemetry message per second, 1 sample x 5 metrics, and one dashboard in a process of
 its own counts what it receives and the latency (sample `ts` to receive time, same clock).
-Once every device is connected (EMS: has had its first ack), the hub's CPU (its whole process
-tree, from /proc) is read over the measured window and divided by the samples the dashboard
-received in that window.
+Once every device is connected (EMS: welcomed), the measurement starts: the devices send for
+the window (`--duration`), then stop, and it ends when the dashboard has every sample sent (EMS:
+and every sample is acked). The hub's CPU over it (its whole process tree, utime + stime from
+/proc) is divided by the samples the dashboard received over it. Ending on the drain rather than
+the clock keeps a hub that falls behind from looking cheaper or dearer than it is; the backlog
+(sent, not yet delivered) at the window's start and end says whether it kept up, and the
+machine's other load (`others`: all CPU of the machine minus hub, fleet and dashboard) is shown
+because the machine may be shared.
 
-- `ems`: `hypercorn -k trio ems.hub:app` through `fleet.py`'s `HubUnderTest` and `Fleet`
-  (devices created over REST, `DeviceSession` per device). It validates, fans out, stores every
-  sample in SQLite and acks it; `stored` counts the rows afterwards.
+- `ems`: `hypercorn -k trio ems.hub:app` through `fleet.py`'s `HubUnderTest` (devices created
+  over REST by its `create_devices`; a `DeviceSession` per device here). It validates, fans
+  out, stores every sample in SQLite and acks it; `stored` counts the rows afterwards.
+  `--ems-ref HEAD` runs a commit's `ems/` instead of the checked-out tree.
 - `fastapi`: `peers/fastapi_hub.py`, FastAPI under uvicorn, pydantic validation, forwards each
   frame. Stores nothing, acks nothing.
 - `socketio`: `peers/socketio_hub.py`, python-socketio (ASGI, uvicorn), room `dashboards`.
@@ -371,8 +377,12 @@ class EmsLink:
                         del device.outbox[seq]
                     device.acked_seq = max(device.acked_seq, event.seq)
                     self.fleet.check_drained(device)
-                elif isinstance(event, LinkDead | GoingAway):
-                    raise ConnectionError(repr(event))
+                elif isinstance(event, LinkDead):
+                    self.fleet.failures[f"link dead: {event.reason}"] += 1
+                    raise ConnectionError(event.reason)
+                elif isinstance(event, GoingAway):
+                    self.fleet.failures["goaway"] += 1
+                    raise ConnectionError("goaway")
                 elif type(event).__name__ in ("ErrorReceived", "BadFrame"):
                     self.fleet.errors += 1
             await self.flush()
@@ -465,8 +475,9 @@ class Probe:
 
 
 async def probe_main(kind: str, url: str) -> None:
-    """Line protocol on stdin/stdout: `ready` once subscribed; `reset` starts the window;
-    `window` answers its count and latencies; `expect N` answers the totals once N arrived."""
+    """Line protocol on stdin/stdout, one JSON line back per command: `ready` once subscribed;
+    `reset` starts the measurement (answers what arrived before); `window` answers what arrived
+    since; `expect N` answers totals and the latencies since `reset` once N arrived in all."""
     gc.freeze()
     probe = Probe(kind, url, os.environ["COMPARE_TOKEN"])
     stdin = trio.lowlevel.FdStream(os.dup(0))
@@ -477,22 +488,24 @@ async def probe_main(kind: str, url: str) -> None:
         window_start = 0
         async for line in read_lines(stdin):
             command, _, argument = line.strip().partition(" ")
+            answer: dict[str, Any] = {}
             if command == "reset":
                 probe.latencies_ms.clear()
                 window_start = probe.received
+                answer = {"received_before": window_start}
             elif command == "window":
-                answer = {
-                    "received": probe.received - window_start,
-                    "latencies_ms": [round(x, 2) for x in probe.latencies_ms],
-                }
-                print(orjson.dumps(answer).decode(), flush=True)
+                answer = {"received": probe.received - window_start}
             elif command == "expect":
                 probe.expect(int(argument))
                 with trio.move_on_after(60):
                     await probe.all_received.wait()
-                answer = {"received": probe.received, "lagged": probe.lagged}
-                print(orjson.dumps(answer).decode(), flush=True)
-                nursery.cancel_scope.cancel()
+                answer = {
+                    "received": probe.received,
+                    "lagged": probe.lagged,
+                    "measured": probe.received - window_start,
+                    "latencies_ms": [round(x, 2) for x in probe.latencies_ms],
+                }
+            print(orjson.dumps(answer).decode(), flush=True)
 
 
 @attrs.define(eq=False)
@@ -527,8 +540,6 @@ class ProbeProcess:
         assert self.process is not None
         assert self.process.stdin is not None
         await self.process.stdin.send_all(command.encode() + b"\n")
-        if command == "reset":
-            return None
         return orjson.loads(await self._line())
 
 
@@ -574,24 +585,33 @@ async def run_hub(kind: str, args: argparse.Namespace, workdir: Path) -> dict[st
             result["connect_s"] = round(time.monotonic() - connect_started, 2)
             result["online"] = fleet.online
             pids = tree_pids(hub_pid)
+            assert probe.process is not None
+            others = [os.getpid(), probe.process.pid]
             rss_connected = rss_bytes(pids)
+            # The measurement: from here through the window (devices sending) and the drain
+            # (until the dashboard has every sample sent; EMS: and every sample is acked).
             cpu_start = cpu_seconds(pids)
-            fleet_cpu_start = cpu_seconds([os.getpid()])
+            fleet_cpu_start = [cpu_seconds([pid]) for pid in others]
+            machine_start = machine_ticks()
+            started = time.monotonic()
             sent_start = sum(d.sent for d in devices)
-            await probe.ask("reset")
-            await trio.sleep(args.duration)  # the measured window
-            window = await probe.ask("window")
-            cpu_used = cpu_seconds(pids) - cpu_start
-            fleet_cpu_used = cpu_seconds([os.getpid()]) - fleet_cpu_start
-            sent_window = sum(d.sent for d in devices) - sent_start
+            before = await probe.ask("reset")
+            await trio.sleep(args.duration)  # the window
             fleet.stop_sending.set()
+            total_sent = sum(d.sent for d in devices)
+            at_window_end = await probe.ask("window")
             if kind == "ems":
-                # Everything sent must be acked (stored), and reach the dashboard.
                 fleet.start_draining()
                 with trio.move_on_after(60):
                     await fleet.all_acked.wait()
-            total_sent = sum(d.sent for d in devices)
             totals = await probe.ask(f"expect {total_sent}")
+            measured_s = time.monotonic() - started
+            cpu_used = cpu_seconds(pids) - cpu_start
+            fleet_cpu_used, probe_cpu_used = (
+                cpu_seconds([pid]) - start
+                for pid, start in zip(others, fleet_cpu_start, strict=True)
+            )
+            machine_busy = machine_ticks_busy(machine_start)
             fleet.done.set()
             nursery.cancel_scope.cancel()
     finally:
@@ -603,18 +623,23 @@ async def run_hub(kind: str, args: argparse.Namespace, workdir: Path) -> dict[st
         with sqlite3.connect(workdir / "data" / "ems.db") as db:
             result["stored"] = db.execute("SELECT count(*) FROM telemetry").fetchone()[0]
         result["all_acked"] = all(d.acked_seq >= d.last_seq for d in devices)
-    lat = window["latencies_ms"]
-    delivered_window = window["received"]
+    lat = totals["latencies_ms"]
+    measured = totals["measured"]
     result.update(
         {
             "devices": args.devices,
-            "duration_s": args.duration,
+            "window_s": args.duration,
+            "measured_s": round(measured_s, 2),
             "sent": total_sent,
             "delivered": totals["received"],
             "lagged": totals["lagged"],
-            "sent_in_window": sent_window,
-            "delivered_in_window": delivered_window,
-            "samples_per_s": round(delivered_window / args.duration, 1),
+            "sent_in_window": total_sent - sent_start,
+            "delivered_measured": measured,
+            "backlog_at_start": sent_start - before["received_before"],
+            "backlog_at_window_end": total_sent
+            - before["received_before"]
+            - at_window_end["received"],
+            "samples_per_s": round(measured / args.duration, 1),
             "reconnects": sum(max(0, d.connects - 1) for d in devices),
             "refused": sum(d.refused for d in devices),
             "error_frames": fleet.errors,
@@ -623,17 +648,37 @@ async def run_hub(kind: str, args: argparse.Namespace, workdir: Path) -> dict[st
             "latency_ms_p99": round(percentile(lat, 0.99), 1),
             "latency_ms_max": round(max(lat) if lat else float("nan"), 1),
             "hub_cpu_s": round(cpu_used, 2),
-            "hub_cpu_percent": round(100 * cpu_used / args.duration, 1),
-            "hub_cpu_s_per_1000_delivered": round(1000 * cpu_used / max(delivered_window, 1), 4),
+            "hub_cpu_percent": round(100 * cpu_used / measured_s, 1),
+            "hub_cpu_s_per_1000_delivered": round(1000 * cpu_used / max(measured, 1), 4),
             "hub_processes": len(pids),
             "hub_rss_mb": round(rss_connected / 2**20, 1),
             "hub_rss_kb_per_connection": round(
                 (rss_connected - rss_before) / 1024 / max(args.devices, 1), 1
             ),
-            "fleet_cpu_percent": round(100 * fleet_cpu_used / args.duration, 1),
+            "fleet_cpu_percent": round(100 * fleet_cpu_used / measured_s, 1),
+            "dashboard_cpu_percent": round(100 * probe_cpu_used / measured_s, 1),
+            "machine_cpu_percent": round(machine_busy, 1),
+            "others_cpu_percent": round(
+                machine_busy - 100 * (cpu_used + fleet_cpu_used + probe_cpu_used) / measured_s, 1
+            ),
         }
     )
     return result
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of all cores, from the first line of /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal
+    return total - idle, total
+
+
+def machine_ticks_busy(start: tuple[int, int]) -> float:
+    """Percent of one core that all processes of the machine used since `start` (2 cores:
+    up to 200)."""
+    busy, total = machine_ticks()
+    return 100 * (os.cpu_count() or 1) * (busy - start[0]) / max(total - start[1], 1)
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -644,9 +689,11 @@ NAMES = {
     "socketio": "python-socketio",
 }
 HEADER = (
-    "| hub | stores + acks | delivered/sent | delivered in window | latency ms p50 / p99 / max "
-    "| hub CPU | hub CPU-s per 1k delivered | EMS / this | hub RSS MiB (KiB/conn) | fleet CPU |\n"
-    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    "| hub | stores + acks | delivered/sent | measured: delivered, s (window + drain) "
+    "| backlog at window start / end | latency ms p50 / p99 / max | hub CPU "
+    "| hub CPU-s per 1k delivered | EMS / this | hub RSS MiB (KiB/conn) "
+    "| fleet / dashboard / others' CPU |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 )
 
 
@@ -661,13 +708,14 @@ def markdown_row(r: dict[str, Any], ems: dict[str, Any] | None) -> str:
         NAMES[r["hub"]],
         stores,
         f"{r['delivered']}/{r['sent']}",
-        r["delivered_in_window"],
+        f"{r['delivered_measured']}, {r['window_s']:g} + {r['measured_s'] - r['window_s']:.1f}",
+        f"{r['backlog_at_start']} / {r['backlog_at_window_end']}",
         f"{r['latency_ms_p50']} / {r['latency_ms_p99']} / {r['latency_ms_max']}",
         f"{r['hub_cpu_percent']}%",
         r["hub_cpu_s_per_1000_delivered"],
         ratio,
         f"{r['hub_rss_mb']} ({r['hub_rss_kb_per_connection']})",
-        f"{r['fleet_cpu_percent']}%",
+        f"{r['fleet_cpu_percent']}% / {r['dashboard_cpu_percent']}% / {r['others_cpu_percent']}%",
     ]
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
@@ -720,7 +768,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--devices", type=int, default=2000)
-    parser.add_argument("--duration", type=float, default=30.0, help="measured window, seconds")
+    parser.add_argument(
+        "--duration", type=float, default=30.0, help="seconds the devices send (the drain is added)"
+    )
     parser.add_argument("--rate", type=float, default=1.0, help="messages/s per device")
     parser.add_argument("--metrics", type=int, default=5)
     parser.add_argument("--only", nargs="+", choices=HUBS, default=list(HUBS))
