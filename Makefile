@@ -29,7 +29,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/fleet.py --devices 50 --rate 0 --batch 10 --duration 10 --fleet-procs 2 --label bench-throughput --hub-env EMS_RATE_LIMIT_PER_S=5000 EMS_RATE_LIMIT_BURST=5000
 	$(PY) benchmarks/fleet.py --scenario connect-storm --devices 1000 --rate 0.2 --duration 60 --label bench-connect-storm
 	$(PY) benchmarks/fleet.py --scenario reconnect-storm --devices 300 --duration 3 --label bench-reconnect-storm --hub-env EMS_GOAWAY_SPREAD_MS=2000
-	$(PY) benchmarks/fleet.py --scenario slow-dashboard --devices 1000 --duration 10 --label bench-slow-dashboard
+	$(PY) benchmarks/fleet.py --scenario slow-dashboard --devices 500 --duration 10 --label bench-slow-dashboard --hub-env EMS_DASHBOARD_QUEUE=1000
 
 bench-full: $(STAMP)
 	$(PY) benchmarks/codec.py
@@ -40,7 +40,7 @@ bench-full: $(STAMP)
 	$(PY) benchmarks/fleet.py --devices 2000 --duration 30 --label gc-tuned
 	$(PY) benchmarks/fleet.py --devices 50 --rate 0 --batch 10 --duration 15 --fleet-procs 2 --label throughput --hub-env EMS_RATE_LIMIT_PER_S=5000 EMS_RATE_LIMIT_BURST=5000
 	$(PY) benchmarks/fleet.py --scenario connect-storm --devices 10000 --rate 0.2 --duration 180 --fleet-procs 2
-	$(PY) benchmarks/fleet.py --scenario reconnect-storm --devices 5000 --rate 1 --duration 10 --fleet-procs 2
+	$(PY) benchmarks/fleet.py --scenario reconnect-storm --devices 5000 --rate 0.2 --duration 10 --fleet-procs 2
 	$(PY) benchmarks/fleet.py --scenario slow-dashboard --devices 1000 --duration 20
 	$(PY) benchmarks/plot.py
 
