@@ -37,6 +37,8 @@ class DashboardQueue:
     _wakeup: trio.Event = attrs.field(init=False, factory=trio.Event)
     dropped_pending: int = attrs.field(init=False, default=0)
     dropped_total: int = attrs.field(init=False, default=0)
+    _bytes: int = attrs.field(init=False, default=0)
+    """Total size of the queued payloads (lets `take_frame` take everything in one step)."""
 
     def __len__(self) -> int:
         return len(self._items)
@@ -44,6 +46,7 @@ class DashboardQueue:
     def put(self, kind: int, payload: bytes) -> None:
         items = self._items
         items.append((kind, payload))
+        self._bytes += len(payload)
         if len(items) > self.capacity:
             self._drop_one()
         self._wakeup.set()
@@ -52,10 +55,12 @@ class DashboardQueue:
         items = self._items
         for index, (kind, _) in enumerate(items):
             if kind == TELEMETRY:
+                self._bytes -= len(items[index][1])
                 del items[index]
                 break
         else:
-            items.popleft()  # nothing but must-keep updates: the oldest of those goes
+            # nothing but must-keep updates: the oldest of those goes
+            self._bytes -= len(items.popleft()[1])
         self.dropped_pending += 1
         self.dropped_total += 1
 
@@ -75,12 +80,18 @@ class DashboardQueue:
             size += len(parts[0])
             self.dropped_pending = 0
         items = self._items
+        if len(parts) + len(items) <= limit and size + self._bytes + len(items) <= max_bytes:
+            # Everything fits (the common case): one step instead of one per update.
+            parts += [payload for _, payload in items]
+            items.clear()
+            self._bytes = 0
         while items and len(parts) < limit:
             payload = items[0][1]
             size += len(payload) + 1
             if parts and size > max_bytes:
                 break
             items.popleft()
+            self._bytes -= len(payload)
             parts.append(payload)
         if not parts:
             return None

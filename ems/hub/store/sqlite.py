@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from ems.hub.store._common import (
     COMMAND_COLUMNS,
     OPEN_SQL,
@@ -365,10 +367,11 @@ class SqliteStore:
     def write_batch(self, batch: WriteBatch) -> None:
         with self._tx() as conn:
             if batch.samples:
+                encode = orjson.dumps  # inline `dumps`: one Python call less per row
                 conn.executemany(
                     "INSERT INTO telemetry (device_id, ts, seq, data) VALUES (?, ?, ?, ?) "
                     "ON CONFLICT (device_id, ts) DO NOTHING",
-                    [(s.device_id, s.ts, s.seq, dumps(s.data)) for s in batch.samples],
+                    [(s.device_id, s.ts, s.seq, encode(s.data).decode()) for s in batch.samples],
                 )
             if batch.events:
                 conn.executemany(
