@@ -24,6 +24,7 @@ import os
 import pstats
 import signal
 import time
+from collections import Counter
 from typing import Any
 
 import trio
@@ -60,12 +61,51 @@ class Timeline:
                 }
             )
 
-    async def watch(self, app: Any, tick_s: float = 0.005) -> None:
-        """Loop lateness, and gaps in the devices' frames (from the hub's counters)."""
+    async def watch(
+        self, app: Any, freeze_at: int = 0, census_after: int = 10_000, tick_s: float = 0.005
+    ) -> None:
+        """Loop lateness, and gaps in the devices' frames (from the hub's counters).
+
+        With `freeze_at`, once that many device connections are open: `gc.collect()` and
+        `gc.freeze()` (an experiment: are the long young collections the connections' objects?).
+        After `census_after` device frames, twice: the types in generations 0 and 1 just before
+        a gen1 collection.
+        """
         hub = app.config["EMS_HUB"]
         last_frames = hub.counters.frames_in
         last_change = time.time() * 1000
+        censuses = 2
         while True:
+            if (
+                censuses
+                and last_frames >= census_after
+                and gc.get_count()[1] >= gc.get_threshold()[1] - 1
+            ):
+                # The next young collection is a gen1 one: what it will have to traverse.
+                censuses -= 1
+                kinds = Counter(
+                    f"{type(o).__module__}.{type(o).__qualname__}"
+                    for generation in (0, 1)
+                    for o in gc.get_objects(generation)
+                )
+                self.entries.append(
+                    {
+                        "kind": "census",
+                        "at_ms": time.time() * 1000,
+                        "ms": 0,
+                        "objects": sum(kinds.values()),
+                        "top": kinds.most_common(15),
+                    }
+                )
+            if freeze_at and len(hub.connections) >= freeze_at:
+                freeze_at = 0
+                started = time.perf_counter()
+                gc.collect()
+                gc.freeze()
+                took_ms = (time.perf_counter() - started) * 1000
+                self.entries.append(
+                    {"kind": "freeze", "at_ms": time.time() * 1000, "ms": round(took_ms, 1)}
+                )
             before = trio.current_time()
             cpu_before = time.thread_time()
             await trio.sleep(tick_s)
@@ -94,7 +134,9 @@ class Timeline:
                 last_change = now_ms
 
 
-async def serve_for(seconds: float, port: int, timeline: Timeline | None) -> None:
+async def serve_for(
+    seconds: float, port: int, timeline: Timeline | None, freeze_at: int = 0
+) -> None:
     config = Config()
     config.bind = [f"127.0.0.1:{port}"]
     config.backlog = 4096
@@ -105,7 +147,7 @@ async def serve_for(seconds: float, port: int, timeline: Timeline | None) -> Non
 
                 @app.before_serving
                 async def start_watch() -> None:
-                    nursery.start_soon(timeline.watch, app)
+                    nursery.start_soon(timeline.watch, app, freeze_at)
 
             await serve(app, config)  # type: ignore[arg-type]
         nursery.cancel_scope.cancel()
@@ -122,6 +164,12 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--timeline", help="write stalls (JSON lines) to this file")
     parser.add_argument("--min-ms", type=float, default=50.0)
+    parser.add_argument(
+        "--freeze-at",
+        type=int,
+        default=0,
+        help="with --timeline: gc.collect() + gc.freeze() once this many devices are connected",
+    )
     args = parser.parse_args()
     print(f"pid {os.getpid()}", flush=True)
     timeline = Timeline(args.min_ms) if args.timeline else None
@@ -133,7 +181,7 @@ def main() -> None:
     if profiler is not None:
         profiler.enable()
     try:
-        trio.run(serve_for, args.seconds, args.port, timeline)
+        trio.run(serve_for, args.seconds, args.port, timeline, args.freeze_at)
     finally:
         if profiler is not None:
             profiler.disable()
