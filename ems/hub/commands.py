@@ -27,7 +27,7 @@ import trio
 
 from ems.hub.fanout import OTHER
 from ems.hub.store import Conflict
-from ems.hub.store.base import CommandRow, CommandUpdate, ConfigState
+from ems.hub.store.base import CommandRow, CommandUpdate, ConfigState, WelcomeState
 from ems.logs import get_logger
 from ems.protocol import messages as m
 
@@ -105,6 +105,12 @@ def config_json(state: ConfigState | None) -> dict[str, Any]:
 class CommandService:
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
+        self._touched: dict[str, float] = {}
+        """device_id -> when (trio clock) a command or config for it was last made or woken:
+        a `welcome` whose store lookup is older looks again (see `after_welcome`)."""
+
+    def touch(self, device_id: str) -> None:
+        self._touched[device_id] = trio.current_time()
 
     # --- creating ------------------------------------------------------------------------------
 
@@ -129,6 +135,7 @@ class CommandService:
         if delivery is Delivery.ONLINE_ONLY and conn is None and not hub.is_online(device_id):
             raise DeviceOffline(device_id)
         now = hub.now_ms()
+        self.touch(device_id)
         command_id = secrets.token_hex(12)
         expires_at = now + 1000 * (expires_in_s or DEFAULT_EXPIRES_IN_S)
         payload = {"type": kind, "id": command_id, **fields}
@@ -176,6 +183,7 @@ class CommandService:
         """Another hub stored commands for `device_id`: send the ones not sent yet, if the
         device is connected here (a redelivery of `sent` ones waits for its next `welcome`)."""
         hub = self.hub
+        self.touch(device_id)
         conn = hub.live_connection(device_id)
         if conn is None:
             return
@@ -187,6 +195,7 @@ class CommandService:
         """Another hub stored a new desired config for `device_id`: forget the cached version
         (a later `welcome` here must announce the new one) and push it if connected here."""
         hub = self.hub
+        self.touch(device_id)
         info = hub.devices.get(device_id)
         if info is not None:
             info.desired_config_version = None
@@ -202,18 +211,24 @@ class CommandService:
     # --- delivering ----------------------------------------------------------------------------
 
     async def after_welcome(
-        self, conn: DeviceConnection, hello: m.Hello, desired_version: int
+        self, conn: DeviceConnection, hello: m.Hello, state: WelcomeState, looked_up_at: float
     ) -> None:
         """Right after `welcome`: the desired config if the device is behind, then every
-        command not yet `received`, oldest first."""
-        hub = self.hub
-        if desired_version > hello.config_version:
-            state = await hub.store.get_config(conn.device_id)
-            if state is not None:
-                conn.send_message(m.Config(version=state.desired_version, config=state.desired))
-        rows = await hub.store.deliverable_commands(conn.device_id, hub.now_ms())
-        for row in rows:
+        command not yet `received`, oldest first (both read with the welcome's lookup, which
+        began at `looked_up_at`). A command or config made meanwhile found the device not yet
+        welcomed, so it was only stored: look again for those."""
+        device_id = conn.device_id
+        config = state.config
+        if config is not None and config.desired_version > hello.config_version:
+            conn.send_message(m.Config(version=config.desired_version, config=config.desired))
+        for row in state.commands:
             await self._send(conn, row)
+        if self._touched.get(device_id, float("-inf")) >= looked_up_at:
+            seen = config.desired_version if config is not None else hello.config_version
+            latest = await self.hub.store.get_config(device_id)
+            if latest is not None and latest.desired_version > max(seen, hello.config_version):
+                conn.send_message(m.Config(version=latest.desired_version, config=latest.desired))
+            await self.wake(device_id)
 
     async def _send(self, conn: DeviceConnection, row: CommandRow) -> CommandRow | None:
         if not conn.send_payload(row.payload):
@@ -270,6 +285,7 @@ class CommandService:
 
     async def put_config(self, device_id: str, config: dict[str, Any]) -> ConfigState:
         hub = self.hub
+        self.touch(device_id)
         state = await hub.store.put_desired_config(device_id, config, hub.now_ms())
         conn = hub.live_connection(device_id)
         if conn is not None:

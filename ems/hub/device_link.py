@@ -344,12 +344,12 @@ class DeviceConnection:
 
     async def _welcome(self, hello: m.Hello) -> None:
         hub = self.hub
-        acked = await hub.ingest.acked_seq(self.device_id, hello.stream)
+        looked_up_at = trio.current_time()
+        state = await hub.ingest.welcome_state(self.device_id, hello.stream, hub.now_ms())
         if self._close is not None:  # replaced or revoked while we waited
             return
-        desired_version = await hub.desired_config_version(self.device_id)
-        if self._close is not None:
-            return
+        acked = state.acked_seq
+        desired_version = hub.note_config_state(self.device_id, state.config)
         self.session.accept(
             session_id=self.session_id,
             acked_seq=acked,
@@ -358,14 +358,19 @@ class DeviceConnection:
         )
         self.welcomed = True
         self._wake.set()
-        await hub.commands.after_welcome(self, hello, desired_version)
+        await hub.commands.after_welcome(self, hello, state, looked_up_at)
         info = hub.devices.get(self.device_id)
         if info is not None:
             info.last_seen = hub.now_ms()
-            if (hello.firmware, hello.agent) != (info.firmware, getattr(info, "agent", None)):
-                info.firmware = hello.firmware
-                await hub.store.set_device_info(
-                    self.device_id, firmware=hello.firmware, agent=hello.agent
+            if (hello.firmware, hello.agent) != (info.firmware, info.agent):
+                # Written with the next commit (one transaction for a whole connect storm).
+                info.firmware, info.agent = hello.firmware, hello.agent
+                await hub.ingest.submit(
+                    IngestItem(
+                        listener=None,
+                        device_id=self.device_id,
+                        device_info=(hello.firmware, hello.agent),
+                    )
                 )
         if not self.inherits_online:
             hub.publish_status(self.device_id, True)

@@ -26,7 +26,14 @@ from ems.hub.commands import CommandService
 from ems.hub.fanout import OTHER, FanOut
 from ems.hub.guard import SingleProcessGuard
 from ems.hub.ingest import IngestWriter
-from ems.hub.store import AsyncStore, Conflict, DeviceRecord, UserRecord, open_store
+from ems.hub.store import (
+    AsyncStore,
+    ConfigState,
+    Conflict,
+    DeviceRecord,
+    UserRecord,
+    open_store,
+)
 from ems.logs import get_logger
 from ems.protocol.codec import Codec, SampleRules
 from ems.protocol.errors import CloseCode
@@ -50,6 +57,7 @@ class DeviceInfo:
     token_hash: str
     last_seen: float | None = None
     firmware: str | None = None
+    agent: str | None = None
     latest: tuple[int, float, dict[str, Any]] | None = None  # seq, ts, data
     desired_config_version: int | None = None  # None: not looked up yet
     reported_config_version: int | None = None
@@ -234,6 +242,7 @@ class Hub:
                 token_hash=record.token_hash,
                 last_seen=record.last_seen,
                 firmware=record.firmware,
+                agent=record.agent,
             )
         stored = await self.store.get_alert_rules()
         self.alerts.set_rules(DEFAULT_RULES if stored is None else parse_rules(stored))
@@ -337,6 +346,7 @@ class Hub:
                 token_hash=record.token_hash,
                 last_seen=record.last_seen,
                 firmware=record.firmware,
+                agent=record.agent,
             )
             self.devices[device_id] = info
         elif info.token_hash != record.token_hash:
@@ -432,6 +442,15 @@ class Hub:
         if conn is None or not conn.welcomed:
             return None
         return conn
+
+    def note_config_state(self, device_id: str, state: ConfigState | None) -> int:
+        """Remember a device's config versions read from the store; its desired version."""
+        version = state.desired_version if state is not None else 0
+        info = self.devices.get(device_id)
+        if info is not None:
+            info.desired_config_version = version
+            info.reported_config_version = state.reported_version if state else None
+        return version
 
     async def desired_config_version(self, device_id: str) -> int:
         info = self.devices.get(device_id)

@@ -7,9 +7,13 @@ messages of many devices, and then tells each connection the highest seq it comm
 one cumulative `ack` per device per commit. A store failure is retried with backoff; nothing is
 acknowledged that is not stored.
 
-`acked_seq` lookups for a new connection travel through the same channel, behind every message
-of the device's previous connection, so a `welcome` never reports less than what is already
-queued for the store (which would make the device resend and the hub store twice).
+`welcome` lookups for a new connection (the stream's acked seq, the config state, the commands
+to deliver) travel through the same channel, behind every message of the device's previous
+connection, so a `welcome` never reports less than what is already queued for the store (which
+would make the device resend and the hub store twice). All the lookups gathered in one commit
+interval go to the store's thread in one trip, and the device info `hello`s report (firmware,
+agent) is written in the same transaction as the telemetry: a connect storm costs one store
+round trip per commit interval, not several per device.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import attrs
 import trio
 
 from ems.hub.store import AlertRow, EventRow, SampleRow, StoreError, StreamMark, WriteBatch
-from ems.hub.store.base import CommandUpdate, ConfigReport
+from ems.hub.store.base import CommandUpdate, ConfigReport, WelcomeState
 from ems.logs import get_logger
 from ems.protocol import messages as m
 
@@ -52,16 +56,19 @@ class IngestItem:
     events: list[EventRow] = attrs.field(factory=list)
     alerts: list[AlertRow] = attrs.field(factory=list)
     last_seen: float | None = None
+    device_info: tuple[str | None, str | None] | None = None
+    """(firmware, agent) from a `hello` that changed them."""
     extra: list[Any] = attrs.field(factory=list)
     """Device-control messages: `command_result`, `config_applied`, a final `history` chunk."""
 
 
 @attrs.define(eq=False)
-class AckedSeqQuery:
+class WelcomeQuery:
     device_id: str
     stream: str
+    now: float
     done: trio.Event = attrs.field(factory=trio.Event)
-    result: int = 0
+    result: WelcomeState | None = None
 
 
 @attrs.define(eq=False)
@@ -86,8 +93,8 @@ class IngestWriter:
     after_commit: Callable[[WriteBatch], Awaitable[None]] | None = None
     """Told about every committed batch with device-control updates (to publish statuses)."""
     stats: IngestStats = attrs.field(factory=IngestStats)
-    _send: trio.MemorySendChannel[IngestItem | AckedSeqQuery] = attrs.field(init=False)
-    _receive: trio.MemoryReceiveChannel[IngestItem | AckedSeqQuery] = attrs.field(init=False)
+    _send: trio.MemorySendChannel[IngestItem | WelcomeQuery] = attrs.field(init=False)
+    _receive: trio.MemoryReceiveChannel[IngestItem | WelcomeQuery] = attrs.field(init=False)
     _idle: trio.Event = attrs.field(init=False, factory=trio.Event)
 
     def __attrs_post_init__(self) -> None:
@@ -106,12 +113,18 @@ class IngestWriter:
     def queued(self) -> int:
         return self._send.statistics().current_buffer_used
 
-    async def acked_seq(self, device_id: str, stream: str) -> int:
-        """The stream's acked seq once everything queued before this call is committed."""
-        query = AckedSeqQuery(device_id, stream)
+    async def welcome_state(self, device_id: str, stream: str, now: float) -> WelcomeState:
+        """What a `welcome` needs, read once everything queued before this call is committed
+        (`now`: epoch ms, for which commands are still deliverable)."""
+        query = WelcomeQuery(device_id, stream, now)
         await self._send.send(query)
         await query.done.wait()
+        assert query.result is not None
         return query.result
+
+    async def acked_seq(self, device_id: str, stream: str) -> int:
+        """The stream's acked seq once everything queued before this call is committed."""
+        return (await self.welcome_state(device_id, stream, 0.0)).acked_seq
 
     def close(self) -> None:
         """No more items: the writer commits what is queued and returns."""
@@ -145,14 +158,14 @@ class IngestWriter:
                 self.stats.peak_queue = max(self.stats.peak_queue, len(items) + self.queued())
                 await self._commit(items)
 
-    async def _commit(self, items: list[IngestItem | AckedSeqQuery]) -> None:
+    async def _commit(self, items: list[IngestItem | WelcomeQuery]) -> None:
         batch = WriteBatch()
         marks: dict[tuple[str, str], int] = {}
         committed: dict[CommitListener, int] = {}
         streams: dict[CommitListener, tuple[str, str]] = {}
-        queries: list[AckedSeqQuery] = []
+        queries: list[WelcomeQuery] = []
         for item in items:
-            if isinstance(item, AckedSeqQuery):
+            if isinstance(item, WelcomeQuery):
                 queries.append(item)
                 continue
             batch.samples.extend(item.samples)
@@ -160,6 +173,8 @@ class IngestWriter:
             batch.alerts.extend(item.alerts)
             for message in item.extra:
                 _control_rows(batch, item.device_id, message, item.last_seen or 0.0)
+            if item.device_info is not None:
+                batch.device_info[item.device_id] = item.device_info
             if item.last_seen is not None:
                 previous = batch.last_seen.get(item.device_id, 0.0)
                 batch.last_seen[item.device_id] = max(previous, item.last_seen)
@@ -173,7 +188,7 @@ class IngestWriter:
             key = streams[listener]
             marks[key] = max(marks.get(key, 0), listener.ack_after(seq))
         batch.marks = [StreamMark(device_id=d, stream=s, seq=q) for (d, s), q in marks.items()]
-        if len(batch) or batch.last_seen:
+        if len(batch) or batch.last_seen or batch.device_info:
             await self._write_with_retry(batch)
             self.stats.batches += 1
             self.stats.messages += len(items) - len(queries)
@@ -182,9 +197,11 @@ class IngestWriter:
             listener.committed(seq)
         if self.after_commit is not None and (batch.command_updates or batch.config_reports):
             await self.after_commit(batch)
-        for query in queries:
-            query.result = await self._lookup_with_retry(query)
-            query.done.set()
+        if queries:
+            states = await self._lookup_with_retry(queries)
+            for query in queries:
+                query.result = states[(query.device_id, query.stream)]
+                query.done.set()
 
     async def _write_with_retry(self, batch: WriteBatch) -> None:
         delay = 0.1
@@ -205,14 +222,18 @@ class IngestWriter:
             self.on_error(True)
             return
 
-    async def _lookup_with_retry(self, query: AckedSeqQuery) -> int:
+    async def _lookup_with_retry(
+        self, queries: list[WelcomeQuery]
+    ) -> dict[tuple[str, str], WelcomeState]:
+        keys = [(q.device_id, q.stream) for q in queries]
+        now = max(q.now for q in queries)
         delay = 0.1
         while True:
             try:
-                return await self.store.acked_seq(query.device_id, query.stream)
+                return await self.store.welcome_states(keys, now)
             except StoreError as exc:
                 self.on_error(False)
-                log.warning("store_read_failed", device_id=query.device_id, error=str(exc))
+                log.warning("store_read_failed", devices=len(keys), error=str(exc))
                 await trio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 

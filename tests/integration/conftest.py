@@ -273,8 +273,6 @@ async def send_json(ws: WebSocketConnection, message: dict[str, Any]) -> None:
     await ws.send_message(orjson.dumps(message).decode())
 
 
-
-
 async def receive_json(ws: WebSocketConnection) -> dict[str, Any]:
     with trio.fail_after(HANG_GUARD_S):
         return orjson.loads(await ws.get_message())  # type: ignore[no-any-return]

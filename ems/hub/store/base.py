@@ -148,6 +148,8 @@ class WriteBatch:
     alerts: list[AlertRow] = attrs.field(factory=list)
     marks: list[StreamMark] = attrs.field(factory=list)
     last_seen: dict[str, float] = attrs.field(factory=dict)  # device_id -> epoch ms
+    device_info: dict[str, tuple[str | None, str | None]] = attrs.field(factory=dict)
+    """device_id -> (firmware, agent) its `hello` reported, where that changed."""
     command_updates: list[CommandUpdate] = attrs.field(factory=list)
     config_reports: list[ConfigReport] = attrs.field(factory=list)
 
@@ -160,6 +162,16 @@ class WriteBatch:
             + len(self.command_updates)
             + len(self.config_reports)
         )
+
+
+@attrs.frozen(kw_only=True)
+class WelcomeState:
+    """What a `welcome` needs from the store: the stream's ack, the device's config state and
+    the commands still to deliver (read together, for many connections in one thread trip)."""
+
+    acked_seq: int
+    config: ConfigState | None
+    commands: list[CommandRow]
 
 
 @attrs.frozen(kw_only=True)

@@ -507,6 +507,18 @@ class PostgresStore:
                             for device_id, ts in sorted(batch.last_seen.items())
                         ],
                     )
+                if batch.device_info:
+                    cur.executemany(
+                        "UPDATE devices SET firmware = %s, agent = %s WHERE device_id = %s",
+                        [
+                            (
+                                None if fw is None else _text(fw),
+                                None if agent is None else _text(agent),
+                                device_id,
+                            )
+                            for device_id, (fw, agent) in sorted(batch.device_info.items())
+                        ],
+                    )
                 # After last_seen: device rows are locked before command rows, as in
                 # create_command (which only takes an advisory lock, then command rows).
                 if batch.command_updates:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
+from ems.hub.store.base import WelcomeState
 from ems.threads import SerialThread
 
 if TYPE_CHECKING:
@@ -76,6 +77,25 @@ class AsyncStore:
 
     async def acked_seq(self, device_id: str, stream: str) -> int:
         return await self._run(self.store.acked_seq, device_id, stream)
+
+    async def welcome_states(
+        self, keys: list[tuple[str, str]], now: float
+    ) -> dict[tuple[str, str], WelcomeState]:
+        """For each (device_id, stream): its `WelcomeState`, all in one trip to the store's
+        thread (a connect storm brings hundreds of `hello`s per commit interval)."""
+        store = self.store
+
+        def lookup() -> dict[tuple[str, str], WelcomeState]:
+            return {
+                (device_id, stream): WelcomeState(
+                    acked_seq=store.acked_seq(device_id, stream),
+                    config=store.get_config(device_id),
+                    commands=store.deliverable_commands(device_id, now),
+                )
+                for device_id, stream in dict.fromkeys(keys)
+            }
+
+        return await self._run(lookup)
 
     # --- telemetry reads -------------------------------------------------------------------
     async def samples(

@@ -412,6 +412,11 @@ class SqliteStore:
                     "WHERE device_id = ? AND (last_seen IS NULL OR last_seen < ?)",
                     [(ts, device_id, ts) for device_id, ts in batch.last_seen.items()],
                 )
+            if batch.device_info:
+                conn.executemany(
+                    "UPDATE devices SET firmware = ?, agent = ? WHERE device_id = ?",
+                    [(fw, agent, d) for d, (fw, agent) in batch.device_info.items()],
+                )
             if batch.command_updates:
                 conn.executemany(_UPDATE_COMMAND, _update_params(batch.command_updates))
             if batch.config_reports:
