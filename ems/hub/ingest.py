@@ -131,31 +131,47 @@ class IngestWriter:
         self._send.close()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Gather and commit in two tasks, so the next batch gathers while one is written (a
+        busy store then takes bigger batches instead of leaving the hub idle between them)."""
         task_status.started()
-        async with self._receive:
-            while True:
+        batches_send, batches_receive = trio.open_memory_channel[list[IngestItem | WelcomeQuery]](0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._commit_batches, batches_receive)
+            async with batches_send, self._receive:
+                while (items := await self._gather()) is not None:
+                    await batches_send.send(items)
+
+    async def _gather(self) -> list[IngestItem | WelcomeQuery] | None:
+        """The next batch (None once the channel is closed and drained)."""
+        try:
+            first = await self._receive.receive()
+        except trio.EndOfChannel:
+            return None
+        items = [first]
+        # Gather for one commit interval: at fleet rates a transaction (and its thread hop)
+        # per message would cost more than everything else the hub does. What is already
+        # queued is taken without a schedule point per item.
+        receive_nowait = self._receive.receive_nowait
+        batch_max = self.batch_max
+        with trio.move_on_after(self.commit_interval_s):
+            while len(items) < batch_max:
                 try:
-                    first = await self._receive.receive()
+                    items.append(receive_nowait())
+                except trio.WouldBlock:
+                    try:
+                        items.append(await self._receive.receive())
+                    except trio.EndOfChannel:
+                        break
                 except trio.EndOfChannel:
-                    return
-                items = [first]
-                # Gather for one commit interval: at fleet rates a transaction (and its thread
-                # hop) per message would cost more than everything else the hub does. What is
-                # already queued is taken without a schedule point per item.
-                receive_nowait = self._receive.receive_nowait
-                batch_max = self.batch_max
-                with trio.move_on_after(self.commit_interval_s):
-                    while len(items) < batch_max:
-                        try:
-                            items.append(receive_nowait())
-                        except trio.WouldBlock:
-                            try:
-                                items.append(await self._receive.receive())
-                            except trio.EndOfChannel:
-                                break
-                        except trio.EndOfChannel:
-                            break
-                self.stats.peak_queue = max(self.stats.peak_queue, len(items) + self.queued())
+                    break
+        self.stats.peak_queue = max(self.stats.peak_queue, len(items) + self.queued())
+        return items
+
+    async def _commit_batches(
+        self, batches: trio.MemoryReceiveChannel[list[IngestItem | WelcomeQuery]]
+    ) -> None:
+        async with batches:
+            async for items in batches:
                 await self._commit(items)
 
     async def _commit(self, items: list[IngestItem | WelcomeQuery]) -> None:
