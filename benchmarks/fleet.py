@@ -28,6 +28,7 @@ machine info, package versions and the parameters) and a markdown table on stdou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import json
@@ -959,12 +960,21 @@ class Bench:
     hub: HubUnderTest = attrs.field(init=False)
     devices: list[SimDevice] = attrs.field(init=False, factory=list)
     create_s: float = 0.0
+    services: contextlib.ExitStack = attrs.field(init=False, factory=contextlib.ExitStack)
+    database_url: str | None = None
 
     def __attrs_post_init__(self) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="ems-bench-"))
-        self.hub = HubUnderTest(
-            self.workdir, env_extra=dict(self.args.hub_env or []), workers=self.args.workers
-        )
+        env = dict(self.args.hub_env or [])
+        if self.args.scale_out:
+            # The scale-out set-up (step 7): a private PostgreSQL and Redis for the hub.
+            sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests/
+            from services import private_postgres, private_redis
+
+            self.database_url = self.services.enter_context(private_postgres())
+            env["EMS_DATABASE_URL"] = self.database_url
+            env["EMS_REDIS_URL"] = self.services.enter_context(private_redis())
+        self.hub = HubUnderTest(self.workdir, env_extra=env, workers=self.args.workers)
 
     @property
     def url(self) -> str:
@@ -1014,6 +1024,12 @@ class Bench:
         return self.devices[0].admin_token if self.devices else ""
 
     def stored(self) -> int:
+        if self.database_url is not None:
+            import psycopg
+
+            with psycopg.connect(self.database_url) as conn:
+                row = conn.execute("SELECT count(*) FROM telemetry").fetchone()
+                return int(row[0]) if row else 0
         with sqlite3.connect(self.db_path) as db:
             return int(db.execute("SELECT count(*) FROM telemetry").fetchone()[0])
 
@@ -1021,6 +1037,7 @@ class Bench:
         self.hub.stop()
 
     def remove_data(self) -> None:
+        self.services.close()
         if not self.args.hub and not self.args.keep_data:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -1543,6 +1560,12 @@ def main() -> None:
         "reconnect-storm: streaming before and after the restart)",
     )
     parser.add_argument("--workers", type=int, default=1, help="hypercorn workers")
+    parser.add_argument(
+        "--scale-out",
+        action="store_true",
+        help="the hub on a private PostgreSQL and Redis (EMS_DATABASE_URL, EMS_REDIS_URL), "
+        "as several workers need; steady scenario",
+    )
     parser.add_argument(
         "--fleet-procs", type=int, default=1, help="processes the devices are split across"
     )
