@@ -179,6 +179,8 @@ class Hub:
             nursery.start_soon(self._sweep_liveness)
             nursery.start_soon(self._purge_expired)
             nursery.start_soon(self.commands.expire_forever)
+            if self.settings.gc_gen0_threshold and self.settings.gc_freeze_s:
+                nursery.start_soon(self._freeze_survivors)
             _tune_gc(self.settings.gc_gen0_threshold)
             gc.callbacks.append(self.gc_pauses.callback)
             task_status.started(self)
@@ -257,6 +259,27 @@ class Hub:
             now = trio.current_time()
             for conn in list(self.connections.values()):
                 conn.check_timers(now)
+
+    async def _freeze_survivors(self) -> None:
+        """Keep full collections small: every `gc_freeze_s` what is alive is frozen (thousands
+        of connections' objects, which a full collection would otherwise scan every time: a
+        multi-second pause at 10,000 connections); once every `gc_full_collect_s` they are
+        unfrozen and collected, which frees cyclic garbage that was frozen while alive."""
+        settings = self.settings
+        full_at = trio.current_time() + settings.gc_full_collect_s
+        while True:
+            await trio.sleep(settings.gc_freeze_s)
+            if trio.current_time() >= full_at:
+                full_at = trio.current_time() + settings.gc_full_collect_s
+                started = time.perf_counter()
+                gc.unfreeze()
+                freed = gc.collect()
+                log.info(
+                    "gc_full_collection",
+                    freed=freed,
+                    pause_ms=round(1000 * (time.perf_counter() - started), 1),
+                )
+            gc.freeze()
 
     async def _purge_expired(self) -> None:
         while True:

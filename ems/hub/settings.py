@@ -80,6 +80,12 @@ class HubSettings:
     """How long a closing connection waits for its last acks before `goaway` and 1001."""
     gc_gen0_threshold: int = attrs.field(default=10_000, validator=_not_negative)
     """Generation-0 threshold after start-up (Python's default of 700 costs a busy hub dearly)."""
+    gc_freeze_s: float = attrs.field(default=60.0, validator=_not_negative)
+    """How often what is alive is moved out of the collector's sight (`gc.freeze()`), so a full
+    collection scans only what is newer; 0: never (a full collection then scans every
+    connection's objects: seconds with 10,000 connections)."""
+    gc_full_collect_s: float = attrs.field(default=3_600.0, validator=_positive)
+    """How often the frozen objects are collected after all (cyclic garbage among them)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> HubSettings:
@@ -152,4 +158,6 @@ _CONVERTERS: dict[str, Callable[[str], Any]] = {
     "goaway_spread_ms": int,
     "shutdown_grace_s": _float,
     "gc_gen0_threshold": int,
+    "gc_freeze_s": _float,
+    "gc_full_collect_s": _float,
 }
