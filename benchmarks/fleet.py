@@ -202,9 +202,14 @@ async def create_devices(http: str, count: int, concurrency: int = 8) -> list[Si
 
 
 async def hub_metrics(http: str) -> dict[str, float]:
-    """The hub's unlabelled /metrics values (loopback needs no login)."""
-    async with httpx.AsyncClient(base_url=http, timeout=30) as client:
-        text = (await client.get("/metrics")).text
+    """The hub's unlabelled /metrics values (loopback needs no login); empty when an
+    overloaded hub does not answer within 30 s (the run goes on and reports what it can)."""
+    try:
+        async with httpx.AsyncClient(base_url=http, timeout=30) as client:
+            text = (await client.get("/metrics")).text
+    except httpx.TimeoutException:
+        print("hub /metrics did not answer within 30 s", file=sys.stderr)
+        return {}
     values: dict[str, float] = {}
     for line in text.splitlines():
         if line and not line.startswith("#") and "{" not in line:
@@ -218,8 +223,11 @@ async def hub_metrics(http: str) -> dict[str, float]:
 
 async def hub_gc_figures(http: str) -> dict[str, Any]:
     """The hub's GC pauses so far, from /metrics (loopback needs no login)."""
-    async with httpx.AsyncClient(base_url=http, timeout=30) as client:
-        text = (await client.get("/metrics")).text
+    try:
+        async with httpx.AsyncClient(base_url=http, timeout=30) as client:
+            text = (await client.get("/metrics")).text
+    except httpx.TimeoutException:
+        return {}
     figures: dict[str, Any] = {}
     for line in text.splitlines():
         for name, key in (
