@@ -107,11 +107,10 @@ class LocalBus:
         return 0
 
     async def cluster(self) -> ClusterView:
-        devices = [
-            presence_entry(c, self.hub_id) for c in self.hub.connections.values() if c.welcomed
-        ]
         return ClusterView(
-            hubs=[local_hub_info(self.hub, self.hub_id)], devices=devices, complete=True
+            hubs=[local_hub_info(self.hub, self.hub_id)],
+            devices=local_presence(self.hub, self.hub_id),
+            complete=True,
         )
 
 
@@ -137,6 +136,16 @@ def presence_entry(conn: DeviceConnection, hub_id: str) -> dict[str, Any]:
         "status": conn.status,
         "hub": hub_id,
     }
+
+
+def local_presence(hub: Hub, hub_id: str) -> list[dict[str, Any]]:
+    """The presence entries of this hub's welcomed connections."""
+    return [presence_entry(c, hub_id) for c in hub.connections.values() if c.welcomed]
+
+
+def _encoded(entries: list[dict[str, Any]]) -> dict[str, bytes]:
+    """Presence entries as the hash fields Redis keeps (device_id -> JSON)."""
+    return {entry["device_id"]: orjson.dumps(entry) for entry in entries}
 
 
 class RedisBus:
@@ -285,11 +294,8 @@ class RedisBus:
     async def _resync(self) -> None:
         """After (re)connecting: our presence rewritten, our claims re-announced, theirs read."""
         hub = self.hub
-        conns = [c for c in hub.connections.values()]
-        entries = {
-            c.device_id: orjson.dumps(presence_entry(c, self.hub_id)) for c in conns if c.welcomed
-        }
-        claims = [["claim", c.device_id, c.connected_at] for c in conns]
+        entries = _encoded(local_presence(hub, self.hub_id))
+        claims = [["claim", c.device_id, c.connected_at] for c in hub.connections.values()]
         info = orjson.dumps(local_hub_info(hub, self.hub_id))
         message = orjson.dumps({"h": self.hub_id, "m": claims}) if claims else None
 
@@ -373,11 +379,7 @@ class RedisBus:
             entries = None
             if trio.current_time() >= refresh_at:
                 refresh_at = trio.current_time() + PRESENCE_REFRESH_S
-                entries = {
-                    c.device_id: orjson.dumps(presence_entry(c, self.hub_id))
-                    for c in hub.connections.values()
-                    if c.welcomed
-                }
+                entries = _encoded(local_presence(hub, self.hub_id))
 
             try:
                 hubs = await self._run_sync(self._beat_limiter, self._beat_trip, info, entries)
@@ -481,9 +483,7 @@ class RedisBus:
         import redis
 
         mine = local_hub_info(self.hub, self.hub_id)
-        local_devices = [
-            presence_entry(c, self.hub_id) for c in self.hub.connections.values() if c.welcomed
-        ]
+        local_devices = local_presence(self.hub, self.hub_id)
         if self.ok:
             try:
                 hubs, remote = await self._run_sync(
