@@ -475,17 +475,6 @@ class Hub:
             info.reported_config_version = state.reported_version if state else None
         return version
 
-    async def desired_config_version(self, device_id: str) -> int:
-        info = self.devices.get(device_id)
-        if info is not None and info.desired_config_version is not None:
-            return info.desired_config_version
-        state = await self.store.get_config(device_id)
-        version = state.desired_version if state is not None else 0
-        if info is not None:
-            info.desired_config_version = version
-            info.reported_config_version = state.reported_version if state else None
-        return version
-
     async def _after_commit(self, batch: Any) -> None:
         """Publish what device-control updates changed (command_status, config_status)."""
         if batch.command_updates:

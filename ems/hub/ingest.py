@@ -122,10 +122,6 @@ class IngestWriter:
         assert query.result is not None
         return query.result
 
-    async def acked_seq(self, device_id: str, stream: str) -> int:
-        """The stream's acked seq once everything queued before this call is committed."""
-        return (await self.welcome_state(device_id, stream, 0.0)).acked_seq
-
     def close(self) -> None:
         """No more items: the writer commits what is queued and returns."""
         self._send.close()
