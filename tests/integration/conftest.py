@@ -15,6 +15,8 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -278,14 +280,29 @@ async def receive_json(ws: WebSocketConnection) -> dict[str, Any]:
         return orjson.loads(await ws.get_message())  # type: ignore[no-any-return]
 
 
-async def receive_until(ws: WebSocketConnection, kind: str) -> dict[str, Any]:
-    """The next message of `type` `kind`, unpacking `batch` frames, skipping others."""
+_unread: weakref.WeakKeyDictionary[WebSocketConnection, deque[dict[str, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Messages already read from a link (the rest of a `batch` frame) and not yet looked at."""
+
+
+async def next_of(ws: WebSocketConnection, *kinds: str) -> dict[str, Any]:
+    """The next message of one of `kinds`, skipping others and unpacking `batch` frames; the
+    rest of a batch is kept for the next call (a hub may pack several updates in one frame)."""
+    unread = _unread.setdefault(ws, deque())
     with trio.fail_after(HANG_GUARD_S):
         while True:
+            while unread:
+                item = unread.popleft()
+                if item["type"] in kinds:
+                    return item
             message = orjson.loads(await ws.get_message())
-            for item in message["messages"] if message["type"] == "batch" else [message]:
-                if item["type"] == kind:
-                    return item  # type: ignore[no-any-return]
+            unread.extend(message["messages"] if message["type"] == "batch" else [message])
+
+
+async def receive_until(ws: WebSocketConnection, kind: str) -> dict[str, Any]:
+    """The next message of `type` `kind` (see `next_of`)."""
+    return await next_of(ws, kind)
 
 
 async def hello(ws: WebSocketConnection, stream: str = "stream-1", **fields: Any) -> dict[str, Any]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 import trio
 from trio_websocket import WebSocketConnection
 
@@ -19,20 +18,10 @@ from tests.integration.conftest import (
     dashboard_ws,
     device_ws,
     hello,
+    next_of,
     receive_until,
     send_json,
 )
-
-
-async def next_of(ws: WebSocketConnection, *kinds: str) -> dict[str, Any]:
-    """The next message of one of `kinds` (acks and heartbeats in between are skipped)."""
-    with trio.fail_after(HANG_GUARD_S):
-        while True:
-            message = orjson.loads(await ws.get_message())
-            items = message["messages"] if message["type"] == "batch" else [message]
-            for item in items:
-                if item["type"] in kinds:
-                    return item  # type: ignore[no-any-return]
 
 
 async def command_status(

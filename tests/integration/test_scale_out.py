@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import weakref
-from collections import deque
 from contextlib import AsyncExitStack
 from typing import Any
 
 import attrs
-import orjson
 import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
@@ -28,6 +25,7 @@ from tests.integration.conftest import (
     device_ws,
     hello,
     hub_env,
+    next_of,
     receive_until,
     send_json,
 )
@@ -53,26 +51,6 @@ def cluster(hub_factory: Any, postgres_db_url: str, redis_server: RedisServer) -
     a = hub_factory(**settings)
     b = hub_factory(**settings)
     return Cluster(a=a, b=b, redis=redis_server, database_url=postgres_db_url)
-
-
-_pending: weakref.WeakKeyDictionary[WebSocketConnection, deque[dict[str, Any]]] = (
-    weakref.WeakKeyDictionary()
-)
-"""Messages already read from a link (a `batch` frame's rest) and not yet looked at."""
-
-
-async def next_of(ws: WebSocketConnection, *kinds: str) -> dict[str, Any]:
-    """The next message of one of `kinds`, unpacking `batch` frames (the rest of a batch is
-    kept for the next call)."""
-    pending = _pending.setdefault(ws, deque())
-    with trio.fail_after(HANG_GUARD_S):
-        while True:
-            while pending:
-                item = pending.popleft()
-                if item["type"] in kinds:
-                    return item
-            message = orjson.loads(await ws.get_message())
-            pending.extend(message["messages"] if message["type"] == "batch" else [message])
 
 
 async def update_for(
