@@ -215,6 +215,9 @@ class RedisBus:
         self._put(("msg", [kind, body]))
 
     def fan(self, device_id: str, owner: str | None, kind: int, payload: bytes) -> None:
+        if not self.ok:  # per sample: don't build what `_put` would drop
+            self.dropped += 1
+            return
         self._put(("msg", ["fan", device_id, owner, kind, payload.decode()]))
 
     def claim(self, conn: DeviceConnection) -> None:
