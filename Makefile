@@ -41,7 +41,7 @@ bench-full: $(STAMP)
 	$(PY) benchmarks/fleet.py --devices 500 1000 2000 5000 --duration 30 --fleet-procs 2 --label steady
 	$(PY) benchmarks/fleet.py --devices 10000 --rate 0.2 --duration 30 --fleet-procs 2 --label steady
 	# the collector's effect: Python's defaults against the hub's tuning, same fleet
-	$(PY) benchmarks/fleet.py --devices 2000 --duration 30 --label gc-default --hub-env EMS_GC_GEN0_THRESHOLD=0
+	$(PY) benchmarks/fleet.py --devices 2000 --duration 30 --label gc-default --hub-env EMS_GC_GEN0_THRESHOLD=0 EMS_GC_FREEZE_S=0
 	$(PY) benchmarks/fleet.py --devices 2000 --duration 30 --label gc-tuned
 	$(PY) benchmarks/fleet.py --devices 50 --rate 0 --batch 10 --duration 15 --fleet-procs 2 --label throughput --hub-env EMS_RATE_LIMIT_PER_S=5000 EMS_RATE_LIMIT_BURST=5000
 	$(PY) benchmarks/fleet.py --scenario connect-storm --devices 10000 --rate 0.2 --duration 180 --fleet-procs 2

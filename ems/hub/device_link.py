@@ -48,6 +48,11 @@ QUERY_CREDENTIALS = frozenset({"token", "access_token", "auth", "key"})
 CLOSE_HANDSHAKE_S = 10.0
 """How long a link the hub closed keeps reading (and discarding) until the device's close."""
 
+LAST_SEEN_STORE_MS = 10_000.0
+"""How far the stored `last_seen` of a connected device may lag (the hub's memory is exact).
+Writing it with every message cost an extra row update per sample; it is written with the
+first message, then at most this often, and when the connection ends."""
+
 
 def bearer_token(scope: dict[str, Any]) -> str | None:
     for name, value in scope.get("headers", ()):
@@ -130,6 +135,8 @@ class DeviceConnection:
     _close_sent: bool = attrs.field(init=False, default=False)
     _disconnected: bool = attrs.field(init=False, default=False)
     _submitted: int = attrs.field(init=False, default=0)
+    _last_seen_stored: float = attrs.field(init=False, default=0.0)
+    """The `last_seen` last handed to the store (epoch ms)."""
     """The highest seq handed to the ingest writer (what the last `ack` must cover)."""
     _scope: trio.CancelScope | None = attrs.field(init=False, default=None)
 
@@ -178,6 +185,9 @@ class DeviceConnection:
     def replaced_by_newer(self) -> None:
         self.request_close(CloseCode.REPLACED, "replaced by a newer connection")
 
+    def next_deadline(self) -> float | None:
+        return self.session.next_deadline()
+
     def check_timers(self, now: float) -> None:
         deadline = self.session.next_deadline()
         if deadline is not None and now >= deadline:
@@ -207,6 +217,7 @@ class DeviceConnection:
         hub = self.hub
         hub.counters.connections_total += 1
         hub.claim(self)
+        hub.timers.schedule(self)  # the hello deadline
         try:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
@@ -221,6 +232,7 @@ class DeviceConnection:
                 await self._goodbye()
             raise
         finally:
+            self._store_final_last_seen()
             if hub.release(self) and self.online:
                 hub.publish_status(self.device_id, False)
             code = self._close[0] if self._close else None
@@ -358,6 +370,7 @@ class DeviceConnection:
         )
         self.welcomed = True
         self._wake.set()
+        hub.timers.schedule(self)  # the heartbeat clock starts (maybe before the hello deadline)
         await hub.commands.after_welcome(self, hello, state, looked_up_at)
         info = hub.devices.get(self.device_id)
         if info is not None:
@@ -383,12 +396,31 @@ class DeviceConnection:
             acked_seq=acked,
         )
 
+    def _last_seen_to_store(self, now_ms: float) -> float | None:
+        """`now_ms` when the stored `last_seen` is due for a write, else None."""
+        if now_ms - self._last_seen_stored < LAST_SEEN_STORE_MS:
+            return None
+        self._last_seen_stored = now_ms
+        return now_ms
+
     async def _note_heartbeat(self) -> None:
         """Keep the stored `last_seen` of a device that only sends heartbeats current too."""
         info = self.hub.devices.get(self.device_id)
-        if info is not None and info.last_seen is not None and self._close is None:
+        if info is None or info.last_seen is None or self._close is not None:
+            return
+        last_seen = self._last_seen_to_store(info.last_seen)
+        if last_seen is not None:
             await self.hub.ingest.submit(
-                IngestItem(listener=None, device_id=self.device_id, last_seen=info.last_seen)
+                IngestItem(listener=None, device_id=self.device_id, last_seen=last_seen)
+            )
+
+    def _store_final_last_seen(self) -> None:
+        """The connection ended: the stored `last_seen` catches up (if the queue has room)."""
+        info = self.hub.devices.get(self.device_id)
+        last_seen = info.last_seen if info is not None else None
+        if last_seen is not None and last_seen > self._last_seen_stored:
+            self.hub.ingest.offer(
+                IngestItem(listener=None, device_id=self.device_id, last_seen=last_seen)
             )
 
     async def _ingest(self, seq: int, message: m.ReliableMessage | None) -> None:
@@ -407,7 +439,7 @@ class DeviceConnection:
             device_id=device_id,
             stream=self.session.stream,
             seq=seq,
-            last_seen=now_ms,
+            last_seen=self._last_seen_to_store(now_ms),
         )
         if isinstance(message, m.Telemetry):
             self._ingest_samples(message, item, info)

@@ -9,7 +9,6 @@ own nurseries (hypercorn's) and reach the hub through this object only.
 
 from __future__ import annotations
 
-import gc
 import secrets
 import time
 from collections.abc import Callable
@@ -22,7 +21,9 @@ import trio
 from ems.hub import auth
 from ems.hub.alerts import DEFAULT_RULES, AlertEvaluator, parse_rules
 from ems.hub.bus import LocalBus, RedisBus, open_bus
+from ems.hub.collector import Collector
 from ems.hub.commands import CommandService
+from ems.hub.deadlines import DeadlineQueue
 from ems.hub.fanout import OTHER, FanOut
 from ems.hub.guard import SingleProcessGuard
 from ems.hub.ingest import IngestWriter
@@ -64,26 +65,6 @@ class DeviceInfo:
 
 
 @attrs.define(eq=False)
-class GcPauses:
-    """Garbage-collector pauses, measured with `gc.callbacks` (shown in /metrics)."""
-
-    count: list[int] = attrs.field(factory=lambda: [0, 0, 0])
-    total_s: list[float] = attrs.field(factory=lambda: [0.0, 0.0, 0.0])
-    max_s: list[float] = attrs.field(factory=lambda: [0.0, 0.0, 0.0])
-    _started: float = 0.0
-
-    def callback(self, phase: str, info: dict[str, Any]) -> None:
-        if phase == "start":
-            self._started = time.perf_counter()
-            return
-        generation = info["generation"]
-        pause = time.perf_counter() - self._started
-        self.count[generation] += 1
-        self.total_s[generation] += pause
-        self.max_s[generation] = max(self.max_s[generation], pause)
-
-
-@attrs.define(eq=False)
 class Counters:
     """Plain integers on the hot path; `/metrics` reads them at scrape time."""
 
@@ -112,7 +93,9 @@ class Hub:
     connections: dict[str, DeviceConnection] = attrs.field(init=False, factory=dict)
     """device_id -> its current connection (from the upgrade on; `welcomed` after `hello`)."""
     counters: Counters = attrs.field(init=False, factory=Counters)
-    gc_pauses: GcPauses = attrs.field(init=False, factory=GcPauses)
+    collector: Collector = attrs.field(init=False)
+    timers: DeadlineQueue[DeviceConnection] = attrs.field(init=False, factory=DeadlineQueue)
+    """Connections by their next liveness deadline (driven by `_sweep_liveness`)."""
     commands: CommandService = attrs.field(init=False)
     bus: LocalBus | RedisBus = attrs.field(init=False)
     """The other hub processes (a no-op without `EMS_REDIS_URL`)."""
@@ -143,6 +126,7 @@ class Hub:
             on_error=self._store_health,
         )
         self.login_limiter = auth.LoginLimiter(limit=settings.login_attempts_per_minute)
+        self.collector = Collector(settings, open_connections=lambda: len(self.connections))
         self.commands = CommandService(self)
         self.ingest.after_commit = self._after_commit
         self.bus = open_bus(self)
@@ -179,10 +163,7 @@ class Hub:
             nursery.start_soon(self._sweep_liveness)
             nursery.start_soon(self._purge_expired)
             nursery.start_soon(self.commands.expire_forever)
-            if self.settings.gc_gen0_threshold and self.settings.gc_freeze_s:
-                nursery.start_soon(self._freeze_survivors)
-            _tune_gc(self.settings.gc_gen0_threshold)
-            gc.callbacks.append(self.gc_pauses.callback)
+            nursery.start_soon(self.collector.run)
             task_status.started(self)
             log.info("hub_started", devices=len(self.devices), hub_id=self.bus.hub_id)
             await self._stopped.wait()
@@ -195,8 +176,6 @@ class Hub:
             nursery.cancel_scope.cancel()
         with trio.move_on_after(5, shield=True):
             await self.store.close()
-        if self.gc_pauses.callback in gc.callbacks:
-            gc.callbacks.remove(self.gc_pauses.callback)
         log.info("hub_stopped")
 
     async def _run_writer(self) -> None:
@@ -250,36 +229,17 @@ class Hub:
         self.alerts.set_rules(DEFAULT_RULES if stored is None else parse_rules(stored))
 
     async def _sweep_liveness(self) -> None:
-        """Drive every session's timers: hub heartbeats, hello and silence deadlines."""
+        """Drive the sessions' timers: hub heartbeats, hello and silence deadlines."""
         # Short ticks keep the heartbeats of connections made in the same second from leaving
-        # in one burst (cheap: one deadline comparison per connection per tick).
+        # in one burst; each tick looks only at the connections with a deadline passed.
         interval = min(0.2, self.settings.heartbeat_s / 4, self.settings.hello_timeout_s / 4)
+        timers = self.timers
         while True:
             await trio.sleep(interval)
             now = trio.current_time()
-            for conn in list(self.connections.values()):
+            for conn in timers.pop_due(now):
                 conn.check_timers(now)
-
-    async def _freeze_survivors(self) -> None:
-        """Keep full collections small: every `gc_freeze_s` what is alive is frozen (thousands
-        of connections' objects, which a full collection would otherwise scan every time: a
-        multi-second pause at 10,000 connections); once every `gc_full_collect_s` they are
-        unfrozen and collected, which frees cyclic garbage that was frozen while alive."""
-        settings = self.settings
-        full_at = trio.current_time() + settings.gc_full_collect_s
-        while True:
-            await trio.sleep(settings.gc_freeze_s)
-            if trio.current_time() >= full_at:
-                full_at = trio.current_time() + settings.gc_full_collect_s
-                started = time.perf_counter()
-                gc.unfreeze()
-                freed = gc.collect()
-                log.info(
-                    "gc_full_collection",
-                    freed=freed,
-                    pause_ms=round(1000 * (time.perf_counter() - started), 1),
-                )
-            gc.freeze()
+                timers.schedule(conn)
 
     async def _purge_expired(self) -> None:
         while True:
@@ -556,14 +516,3 @@ class _LazyStore:
 
             raise StoreError("the store is not open")
         return getattr(self._store, name)
-
-
-def _tune_gc(gen0_threshold: int) -> None:
-    """Freeze start-up objects and raise the generation-0 threshold (see benchmarks/README).
-    0 leaves Python's collector as it is (for comparison)."""
-    if gen0_threshold == 0:
-        return
-    gc.collect()
-    gc.freeze()
-    _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(gen0_threshold, gen1, gen2)

@@ -110,6 +110,14 @@ class IngestWriter:
         except trio.WouldBlock:
             await self._send.send(item)
 
+    def offer(self, item: IngestItem) -> bool:
+        """Queue `item` if there is room and the writer still takes items (never waits)."""
+        try:
+            self._send.send_nowait(item)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            return False
+        return True
+
     def queued(self) -> int:
         return self._send.statistics().current_buffer_used
 

@@ -68,7 +68,7 @@ class HubCollector(Collector):
         yield GaugeMetricFamily(
             "ems_ingest_peak_queue", "Most messages waiting for the store at once", stats.peak_queue
         )
-        pauses = hub.gc_pauses
+        pauses = hub.collector.pauses
         count = CounterMetricFamily(
             "ems_gc_collections", "GC runs by generation", labels=["generation"]
         )

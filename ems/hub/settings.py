@@ -79,13 +79,15 @@ class HubSettings:
     shutdown_grace_s: float = attrs.field(default=2.0, validator=_positive)
     """How long a closing connection waits for its last acks before `goaway` and 1001."""
     gc_gen0_threshold: int = attrs.field(default=10_000, validator=_not_negative)
-    """Generation-0 threshold after start-up (Python's default of 700 costs a busy hub dearly)."""
-    gc_freeze_s: float = attrs.field(default=60.0, validator=_not_negative)
-    """How often what is alive is moved out of the collector's sight (`gc.freeze()`), so a full
-    collection scans only what is newer; 0: never (a full collection then scans every
-    connection's objects: seconds with 10,000 connections)."""
+    """Generation-0 threshold when `gc_freeze_s` is 0 (Python's automatic collections on); both
+    0: Python's collector exactly as it comes (for comparison)."""
+    gc_freeze_s: float = attrs.field(default=1.0, validator=_not_negative)
+    """How often what is alive is frozen (`gc.freeze()`); while on, Python's automatic
+    collections are off (they scanned every connection's objects, over and over) and full
+    collections run as `gc_full_collect_s` says (ems/hub/collector.py)."""
     gc_full_collect_s: float = attrs.field(default=3_600.0, validator=_positive)
-    """How often the frozen objects are collected after all (cyclic garbage among them)."""
+    """How often the frozen objects are collected after all (the cyclic garbage among them);
+    sooner once they outnumber twice what the last full collection left plus 1,000,000."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> HubSettings:
