@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from ems.hub.collector import Collector
+from ems.hub.collector import Collector, resident_bytes
 from ems.hub.deadlines import DeadlineQueue
 from ems.hub.settings import HubSettings
 
@@ -98,28 +98,32 @@ async def test_survivors_are_frozen_every_tick_and_unfrozen_when_the_hub_stops(
     assert gc.get_freeze_count() == 0
 
 
-@pytest.mark.parametrize("reconnected", [100, 1_000])
-async def test_frozen_objects_growing_past_the_limit_trigger_a_full_collection(
-    reconnected: int, autojump_clock: trio.testing.MockClock
+@pytest.mark.parametrize("grown_mb", [100, 300])
+async def test_memory_growing_past_the_limit_triggers_a_full_collection(
+    grown_mb: int, autojump_clock: trio.testing.MockClock
 ) -> None:
+    resident = [400 * 2**20]
     gc_collector = collector(gc_freeze_s=1.0, gc_full_collect_s=3_600.0)
+    gc_collector.memory = lambda: resident[0]
     async with trio.open_nursery() as nursery:
         nursery.start_soon(gc_collector.run)
-        await trio.sleep(0.5)
-        connections = [Cycle() for _ in range(reconnected)]
-        gc_collector.full_collect()  # they are alive: all frozen, the baseline counts them
-        gc_collector.growth, gc_collector.slack = 1.0, 500
-        freed = weakref.ref(connections[0])
-        # They close (garbage that only a full collection can free) and as many reconnect.
-        connections = [Cycle() for _ in range(reconnected)]
+        await trio.sleep(0.5)  # baseline: 400 MB; the limit 2 x 400 + 256 MB
+        connection = Cycle()
+        freed = weakref.ref(connection)
+        await trio.sleep(1.0)  # frozen while alive, as a connection's objects are
+        del connection  # it closes: garbage that only a full collection frees
+        resident[0] = (800 + grown_mb) * 2**20
         await trio.sleep(1.0)
-        full = reconnected > gc_collector.slack
-        assert gc_collector.full_collections == (2 if full else 1)
+        full = grown_mb > 256
+        assert gc_collector.full_collections == (1 if full else 0)
         assert (freed() is None) is full
-        assert len(connections) == reconnected
         nursery.cancel_scope.cancel()
     gc.collect()
     assert freed() is None
+
+
+def test_resident_memory_is_read_from_proc() -> None:
+    assert 10 * 2**20 < resident_bytes() < 2**40
 
 
 async def test_automatic_collections_are_off_while_the_hub_runs(
