@@ -87,7 +87,7 @@ class HubSettings:
     collections run as `gc_full_collect_s` says (ems/hub/collector.py)."""
     gc_full_collect_s: float = attrs.field(default=3_600.0, validator=_positive)
     """How often the frozen objects are collected after all (the cyclic garbage among them);
-    sooner once resident memory has grown past twice what it was after the last one + 256 MiB."""
+    sooner once resident memory has grown past twice what it was after the last one + 512 MiB."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> HubSettings:
