@@ -65,6 +65,8 @@ from trio_websocket import (
 
 from ems.edge.agent import STABLE_LINK_S
 from ems.edge.backoff import Backoff
+from ems.hub.collector import Collector
+from ems.hub.settings import HubSettings
 from ems.protocol import messages as m
 from ems.protocol._window import CommandRecord, SeqAllocator
 from ems.protocol.codec import Codec
@@ -587,10 +589,6 @@ async def worker_main(spec: dict[str, Any]) -> None:
     """A fleet process: runs its share of the devices and answers the parent's commands (one
     per stdin line, one JSON line back each): `online T`, `mark`, `back T`, `sent`, `stop T`."""
     raise_nofile_limit()
-    # Thousands of connections' objects: keep the fleet's own collector from pausing it.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(10_000, 10, 10)
     devices = [SimDevice(d, t) for d, t in spec["devices"]]
     fleet = Fleet(
         spec["url"],
@@ -618,6 +616,9 @@ async def worker_main(spec: dict[str, Any]) -> None:
 
     stdin = trio.lowlevel.FdStream(os.dup(0))
     async with trio.open_nursery() as nursery:
+        # Thousands of connections' objects: the hub's collector policy keeps the fleet's own
+        # collections from scanning them over and over (ems/hub/collector.py).
+        nursery.start_soon(Collector(HubSettings.from_env({}), lambda: len(devices)).run)
         fleet.t0 = time.monotonic()
         for index, device in enumerate(devices):
             nursery.start_soon(fleet.run_device, device, index / max(len(devices), 1) * stagger)
