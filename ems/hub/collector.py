@@ -6,15 +6,15 @@ collector counts allocations, so it ran its young collections several times a se
 scanned every connection's current chain each time, finding nothing to free: at 5,000
 connections generation-1 collections took 60-180 ms every 3 s (the dashboards' p99), at
 10,000 the collector took a fifth to a third of the hub's core (benchmarks/README.md,
-"Garbage collection"). Freezing the survivors once a second and collecting the young ones
+"Step 6, third pass"). Freezing the survivors once a second and collecting the young ones
 once then still cost 50-75 ms per collection at 10,000 connections, several a second.
 
 So Python's automatic collections are off; once a second what is alive is frozen
 (`gc.freeze()`, O(1)), which keeps its bookkeeping out of every later collection; acyclic
 garbage is freed by reference counting as always. Cyclic garbage (a steady hub makes almost
 none: its young collections found 0-70 objects each, and a full collection after 3,400 closed
-connections found 516) is freed by a full collection (`gc.unfreeze()` + `gc.collect()`, about
-1.5 s at 10,000 connections): every `gc_full_collect_s`, or sooner once the process's resident
+connections found 516) is freed by a full collection (`gc.unfreeze()` + `gc.collect()`, 1.5-2.4 s
+at 10,000 connections): every `gc_full_collect_s`, or sooner once the process's resident
 memory has grown past `GROWTH` x (what it was after the last one) + `SLACK`, which bounds the
 garbage whatever produces it. (Memory, not `gc.get_freeze_count()`: that walks the list of
 frozen objects, 80 ms at a million of them.)

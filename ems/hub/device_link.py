@@ -135,9 +135,9 @@ class DeviceConnection:
     _close_sent: bool = attrs.field(init=False, default=False)
     _disconnected: bool = attrs.field(init=False, default=False)
     _submitted: int = attrs.field(init=False, default=0)
+    """The highest seq handed to the ingest writer (what the last `ack` must cover)."""
     _last_seen_stored: float = attrs.field(init=False, default=0.0)
     """The `last_seen` last handed to the store (epoch ms)."""
-    """The highest seq handed to the ingest writer (what the last `ack` must cover)."""
     _scope: trio.CancelScope | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:

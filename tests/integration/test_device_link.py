@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import itertools
 import signal
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -819,6 +821,45 @@ async def test_shutdown_acks_then_goaway_then_1001_and_nothing_is_lost(hub: HubP
         await send_json(ws, telemetry(count + 1))
         await until_ack(ws, count + 1)
     assert [s["seq"] for s in await stored(hub, device_id)] == list(range(1, count + 2))
+
+
+def stored_last_seen(hub: HubProcess, device_id: str) -> float | None:
+    """The `last_seen` in the hub's SQLite file (read beside the running hub: WAL mode)."""
+    with closing(sqlite3.connect(hub.data_dir / "data" / "ems.db")) as db:
+        query = "SELECT last_seen FROM devices WHERE device_id = ?"
+        row = db.execute(query, (device_id,)).fetchone()
+    return None if row is None else row[0]
+
+
+async def rest_last_seen(hub: HubProcess, device_id: str) -> float:
+    response = await call(hub.request, "GET", f"/api/devices/{device_id}")
+    assert response.status_code == 200, response.text
+    return response.json()["last_seen"]  # type: ignore[no-any-return]
+
+
+async def test_stored_last_seen_is_written_first_then_coalesced_and_caught_up_at_the_end(
+    hub: HubProcess,
+) -> None:
+    device_id, token = await new_device(hub)
+    async with device_ws(hub, device_id, token) as ws:
+        await hello(ws)
+        await send_json(ws, telemetry(1))
+        await until_ack(ws, 1)
+        first = stored_last_seen(hub, device_id)
+        assert first is not None  # the first message writes it
+        for seq in range(2, 6):
+            await send_json(ws, heartbeat())
+            await send_json(ws, telemetry(seq))
+        await until_ack(ws, 5)
+        # Within 10 s of the first write: not rewritten per message; the hub's memory is exact.
+        assert stored_last_seen(hub, device_id) == first
+        latest = await rest_last_seen(hub, device_id)
+        assert latest >= first
+    # The link ends: the stored value catches up (committed by the time the hub has stopped).
+    await call(hub.stop)
+    assert stored_last_seen(hub, device_id) == latest
+    await call(hub.start, hub.port)
+    assert await rest_last_seen(hub, device_id) == latest
 
 
 # --- observability ------------------------------------------------------------------------------
