@@ -320,9 +320,10 @@ async def test_handler_grants_and_the_loop_removes_at_expiry(
         assert result.result is not None
         expires_at = result.result["expires_at"] / 1000
         assert parse_marker(path.read_text()) == ("c1", result.result["expires_at"])
-        await trio.sleep_until(expires_at - wall_clock() + trio.current_time() - 0.1)
+        expiry = expires_at - wall_clock() + trio.current_time()  # on the (virtual) trio clock
+        await trio.sleep_until(expiry - 0.1)
         assert path.read_text(), "removed before its expiry"
-        await trio.sleep(1.0)  # MockClock time; the contract: gone within a second of expiry
+        await trio.sleep_until(expiry + 1.0)  # the contract: gone within a second of expiry
         assert path.read_text() == ""
         nursery.cancel_scope.cancel()
 
