@@ -97,23 +97,26 @@ class Collector:
         collector exactly as Python sets it (both for comparison)."""
         settings = self.settings
         gc.callbacks.append(self.pauses.callback)
-        was_enabled = gc.isenabled()
+        was_enabled, thresholds = gc.isenabled(), gc.get_threshold()
+        froze = False
         try:
             if not settings.gc_gen0_threshold and not settings.gc_freeze_s:
                 await trio.sleep_forever()
             gc.collect()
             gc.freeze()
+            froze = True
             self._baseline = self.memory()
             if not settings.gc_freeze_s:
-                _, gen1, gen2 = gc.get_threshold()
-                gc.set_threshold(settings.gc_gen0_threshold, gen1, gen2)
+                gc.set_threshold(settings.gc_gen0_threshold, *thresholds[1:])
                 await trio.sleep_forever()
             gc.disable()
             await self._freeze_forever()
         finally:
-            gc.callbacks.remove(self.pauses.callback)
             # An in-process hub (tests, benchmarks) leaves the collector as it found it.
-            gc.unfreeze()
+            gc.callbacks.remove(self.pauses.callback)
+            if froze:
+                gc.unfreeze()
+            gc.set_threshold(*thresholds)
             if was_enabled:
                 gc.enable()
 

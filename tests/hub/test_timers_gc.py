@@ -143,16 +143,16 @@ async def test_without_freezing_pythons_collector_runs_with_the_threshold(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     thresholds = gc.get_threshold()
+    assert thresholds[0] != 12_345
     gc_collector = collector(gc_freeze_s=0.0, gc_gen0_threshold=12_345)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(gc_collector.run)
-            await trio.sleep(5)
-            assert gc.isenabled()
-            assert gc.get_threshold()[0] == 12_345
-            nursery.cancel_scope.cancel()
-    finally:
-        gc.set_threshold(*thresholds)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gc_collector.run)
+        await trio.sleep(5)
+        assert gc.isenabled()
+        assert gc.get_threshold()[0] == 12_345
+        nursery.cancel_scope.cancel()
+    assert gc.get_threshold() == thresholds  # the hub stopped: as it found it
+    assert gc.get_freeze_count() == 0
 
 
 async def test_the_full_collection_also_runs_on_its_schedule(
