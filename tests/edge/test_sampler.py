@@ -289,15 +289,15 @@ async def test_a_full_buffer_drops_the_oldest_samples(
         max_buffered=25,
     )
     async with trio.open_nursery() as nursery:
+        start = trio.current_time()
         await nursery.start(sampler.run)
-        await trio.sleep(
-            6.05
-        )  # reads 0..60: batch 1 (11 samples) is stuck in on_batch (autojump_clock)
+        # reads 0..60: batch 1 (11 samples) is stuck in on_batch
+        await trio.sleep_until(start + 6.05)
         assert sampler.buffered == 25
         assert sampler.dropped == 61 - 11 - 25
         assert len(events(records, "samples_dropped")) == 1
         gate.set()
-        await trio.sleep(0.5)  # autojump_clock
+        await trio.sleep_until(start + 6.55)
         nursery.cancel_scope.cancel()
     counts = [s["data"]["a"] for batch in delivered for s in batch]
     assert counts[:11] == list(range(1, 12))
@@ -313,11 +313,11 @@ async def test_intervals_change_while_running(autojump_clock: trio.testing.MockC
     async with trio.open_nursery() as nursery:
         start = trio.current_time()
         await nursery.start(sampler.run)
-        await trio.sleep(2.5)  # autojump_clock
+        await trio.sleep_until(start + 2.5)
         assert sampler.set_interval("a", 0.5)
         assert not sampler.set_interval("nope", 1.0)
         sampler.set_batch_interval(2.0)
-        await trio.sleep(3.9)  # until 6.4 (autojump_clock)
+        await trio.sleep_until(start + 6.4)
         nursery.cancel_scope.cancel()
     assert [t - start for t in a.read_at] == [0, 1, 2, 3, 3.5, 4, 4.5, 5, 5.5, 6]
     assert [t - start for t in b.read_at] == [0, 1, 2, 3, 4, 5, 6]

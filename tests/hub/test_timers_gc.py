@@ -86,13 +86,14 @@ async def test_survivors_are_frozen_every_tick_and_unfrozen_when_the_hub_stops(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     gc_collector = collector(gc_freeze_s=1.0)
+    start = trio.current_time()  # the collector ticks at start + 1, + 2, ...
     async with trio.open_nursery() as nursery:
         nursery.start_soon(gc_collector.run)
-        await trio.sleep(1.5)
+        await trio.sleep_until(start + 1.5)
         survivor = Cycle()  # alive at the next tick: frozen there
         assert survivor.me is survivor
         frozen_before = gc.get_freeze_count()
-        await trio.sleep(1.0)
+        await trio.sleep_until(start + 2.5)
         assert gc.get_freeze_count() > frozen_before
         nursery.cancel_scope.cancel()
     assert gc.get_freeze_count() == 0
@@ -105,15 +106,16 @@ async def test_memory_growing_past_the_limit_triggers_a_full_collection(
     resident = [400 * 2**20]
     gc_collector = collector(gc_freeze_s=1.0, gc_full_collect_s=3_600.0)
     gc_collector.memory = lambda: resident[0]
+    start = trio.current_time()  # the collector ticks at start + 1, + 2, ...
     async with trio.open_nursery() as nursery:
         nursery.start_soon(gc_collector.run)
-        await trio.sleep(0.5)  # baseline: 400 MB; the limit 2 x 400 + 512 MB
+        await trio.sleep_until(start + 0.5)  # baseline: 400 MB; the limit 2 x 400 + 512 MB
         connection = Cycle()
         freed = weakref.ref(connection)
-        await trio.sleep(1.0)  # frozen while alive, as a connection's objects are
+        await trio.sleep_until(start + 1.5)  # frozen while alive, as a connection's objects are
         del connection  # it closes: garbage that only a full collection frees
         resident[0] = (800 + grown_mb) * 2**20
-        await trio.sleep(1.0)
+        await trio.sleep_until(start + 2.5)
         full = grown_mb > 512
         assert gc_collector.full_collections == (1 if full else 0)
         assert (freed() is None) is full
@@ -131,9 +133,10 @@ async def test_automatic_collections_are_off_while_the_hub_runs(
 ) -> None:
     assert gc.isenabled()
     gc_collector = collector(gc_freeze_s=1.0)
+    start = trio.current_time()  # the collector ticks at start + 1, + 2, ...
     async with trio.open_nursery() as nursery:
         nursery.start_soon(gc_collector.run)
-        await trio.sleep(0.5)
+        await trio.sleep_until(start + 0.5)
         assert not gc.isenabled()
         nursery.cancel_scope.cancel()
     assert gc.isenabled()
@@ -145,9 +148,10 @@ async def test_without_freezing_pythons_collector_runs_with_the_threshold(
     thresholds = gc.get_threshold()
     assert thresholds[0] != 12_345
     gc_collector = collector(gc_freeze_s=0.0, gc_gen0_threshold=12_345)
+    start = trio.current_time()  # the collector ticks at start + 1, + 2, ...
     async with trio.open_nursery() as nursery:
         nursery.start_soon(gc_collector.run)
-        await trio.sleep(5)
+        await trio.sleep_until(start + 5.0)
         assert gc.isenabled()
         assert gc.get_threshold()[0] == 12_345
         nursery.cancel_scope.cancel()
@@ -159,8 +163,9 @@ async def test_the_full_collection_also_runs_on_its_schedule(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     gc_collector = collector(gc_freeze_s=1.0, gc_full_collect_s=5.0)
+    start = trio.current_time()  # the collector ticks at start + 1, + 2, ...
     async with trio.open_nursery() as nursery:
         nursery.start_soon(gc_collector.run)
-        await trio.sleep(5.5)
+        await trio.sleep_until(start + 5.5)
         assert gc_collector.full_collections == 1
         nursery.cancel_scope.cancel()
