@@ -21,8 +21,16 @@ because the machine may be shared.
   frame. Stores nothing, acks nothing.
 - `socketio`: `peers/socketio_hub.py`, python-socketio (ASGI, uvicorn), room `dashboards`.
   Devices and dashboard speak Engine.IO 4 / Socket.IO 5 over a raw trio-websocket.
+- `floor-*` (only when named in `--only`): `peers/asgi_floor.py`, one raw ASGI app with no
+  framework and no work, under hypercorn on trio or uvicorn on asyncio: what the serving stack
+  alone costs. `floor-hypercorn-ems` / `floor-uvicorn-ems` send EMS's frames (an `ack` per
+  message, dashboard updates in `batch` frames every 20 ms); `floor-hypercorn` /
+  `floor-uvicorn` forward each sample in a frame of its own as the FastAPI peer does, and the
+  `-ack` variants add an `ack` per message to that.
 
     python benchmarks/compare.py --devices 2000 --duration 30
+    python benchmarks/compare.py --devices 2000 --duration 30 \
+        --only ems fastapi floor-hypercorn-ems floor-uvicorn-ems
 
 Prints a markdown table and the ratios "EMS / socketio" and "EMS / FastAPI" of hub CPU-seconds
 per 1,000 delivered samples; JSON (machine info, package versions) goes to
@@ -63,9 +71,25 @@ from ems.protocol.device_session import Acked, DeviceSession, GoingAway, LinkDea
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 HUBS = ("ems", "fastapi", "socketio")
-PEER_SCRIPTS = {
-    "fastapi": HERE / "peers" / "fastapi_hub.py",
-    "socketio": HERE / "peers" / "socketio_hub.py",
+FLOORS = (
+    "floor-hypercorn-ems",
+    "floor-uvicorn-ems",
+    "floor-hypercorn",
+    "floor-uvicorn",
+    "floor-hypercorn-ack",
+    "floor-uvicorn-ack",
+)
+"""Not run unless named in `--only`: the serving stacks alone (`peers/asgi_floor.py`)."""
+FLOOR = HERE / "peers" / "asgi_floor.py"
+PEER_COMMANDS = {
+    "fastapi": [HERE / "peers" / "fastapi_hub.py"],
+    "socketio": [HERE / "peers" / "socketio_hub.py"],
+    "floor-hypercorn": [FLOOR, "--server", "hypercorn"],
+    "floor-uvicorn": [FLOOR, "--server", "uvicorn"],
+    "floor-hypercorn-ack": [FLOOR, "--server", "hypercorn", "--ack"],
+    "floor-uvicorn-ack": [FLOOR, "--server", "uvicorn", "--ack"],
+    "floor-hypercorn-ems": [FLOOR, "--server", "hypercorn", "--ack", "--batch"],
+    "floor-uvicorn-ems": [FLOOR, "--server", "uvicorn", "--ack", "--batch"],
 }
 PEER_TOKEN = "bench-secret"
 CODEC = Codec()
@@ -143,14 +167,14 @@ async def read_lines(stream: Any) -> Any:
 class PeerHub:
     """A reference hub as a subprocess; started once it prints its `listening on` line."""
 
-    script: Path
+    command: list[Any]
     process: trio.Process | None = None
     port: int = 0
     output: list[str] = attrs.field(factory=list)
 
     async def start(self, nursery: trio.Nursery) -> None:
         self.process = await trio.lowlevel.open_process(
-            [sys.executable, str(self.script)],
+            [sys.executable, *map(str, self.command)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PEER_TOKEN": PEER_TOKEN},
@@ -170,7 +194,7 @@ class PeerHub:
                 started = True
                 task_status.started()
         if not started:
-            raise RuntimeError(f"{self.script.name} did not start:\n" + "\n".join(self.output))
+            raise RuntimeError(f"{self.command} did not start:\n" + "\n".join(self.output))
 
     async def stop(self) -> None:
         if self.process is None:
@@ -561,7 +585,7 @@ async def run_hub(kind: str, args: argparse.Namespace, workdir: Path) -> dict[st
                 token = created[0].admin_token
                 devices = [Device(d.device_id, d.token) for d in created]
             else:
-                peer_hub = PeerHub(PEER_SCRIPTS[kind])
+                peer_hub = PeerHub(PEER_COMMANDS[kind])
                 await peer_hub.start(nursery)
                 assert peer_hub.process is not None
                 port, hub_pid = peer_hub.port, peer_hub.process.pid
@@ -687,6 +711,12 @@ NAMES = {
     "ems": "EMS (hypercorn, trio)",
     "fastapi": "FastAPI + uvicorn",
     "socketio": "python-socketio",
+    "floor-hypercorn": "floor: raw ASGI, hypercorn + trio",
+    "floor-uvicorn": "floor: raw ASGI, uvicorn + asyncio",
+    "floor-hypercorn-ack": "floor + ack per frame: hypercorn + trio",
+    "floor-uvicorn-ack": "floor + ack per frame: uvicorn + asyncio",
+    "floor-hypercorn-ems": "floor, EMS's frames (ack + batches): hypercorn + trio",
+    "floor-uvicorn-ems": "floor, EMS's frames (ack + batches): uvicorn + asyncio",
 }
 HEADER = (
     "| hub | stores + acks | delivered/sent | measured: delivered, s (window + drain) "
@@ -720,13 +750,24 @@ def markdown_row(r: dict[str, Any], ems: dict[str, Any] | None) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
+RATIOS = (
+    ("ems", "socketio", "EMS / socketio"),
+    ("ems", "fastapi", "EMS / FastAPI"),
+    # What the serving stack allows: EMS against a no-work app with its frames on its server,
+    # and that app against FastAPI and against itself on uvicorn.
+    ("ems", "floor-hypercorn-ems", "EMS / floor on hypercorn"),
+    ("floor-hypercorn-ems", "fastapi", "floor on hypercorn / FastAPI"),
+    ("floor-hypercorn-ems", "floor-uvicorn-ems", "floor: hypercorn / uvicorn"),
+)
+
+
 def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     out = {}
-    if "ems" in results:
-        ems = results["ems"]["hub_cpu_s_per_1000_delivered"]
-        for kind, label in (("socketio", "EMS / socketio"), ("fastapi", "EMS / FastAPI")):
-            if kind in results and results[kind]["hub_cpu_s_per_1000_delivered"] > 0:
-                out[label] = round(ems / results[kind]["hub_cpu_s_per_1000_delivered"], 3)
+    for top, bottom, label in RATIOS:
+        if top in results and bottom in results:
+            below = results[bottom]["hub_cpu_s_per_1000_delivered"]
+            if below > 0:
+                out[label] = round(results[top]["hub_cpu_s_per_1000_delivered"] / below, 3)
     return out
 
 
@@ -773,7 +814,7 @@ def main() -> None:
     )
     parser.add_argument("--rate", type=float, default=1.0, help="messages/s per device")
     parser.add_argument("--metrics", type=int, default=5)
-    parser.add_argument("--only", nargs="+", choices=HUBS, default=list(HUBS))
+    parser.add_argument("--only", nargs="+", choices=HUBS + FLOORS, default=list(HUBS))
     parser.add_argument("--label", default="compare")
     parser.add_argument(
         "--ems-ref",
@@ -790,7 +831,7 @@ def main() -> None:
     # Hubs inherit this too: each side holds one descriptor per device and then some.
     raise_fd_limit(args.devices * 2 + 256)
     RESULTS.mkdir(exist_ok=True)
-    kinds = [k for k in HUBS if k in args.only]
+    kinds = [k for k in HUBS + FLOORS if k in args.only]
     print(f"comparison: {vars(args)}", flush=True)
     load_before = os.getloadavg()
     results: dict[str, dict[str, Any]] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import socket
+import sqlite3
 import sys
 import threading
 from pathlib import Path
@@ -218,6 +219,28 @@ def test_large_batch_commits_in_one_call(store: Store) -> None:
         total += len(stored)
         assert store.acked_seq(f"ems_{d:03d}", "s") == 5000
     assert total == 5000
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 1023, 1024, 1025, 2049])
+def test_batches_of_every_size_store_every_row_exactly(store: Store, count: int) -> None:
+    # SQLite inserts in power-of-two chunks of rows: sizes around the chunk boundaries.
+    rows = [sample("ems_001", seq=i + 1, ts=T0 + i / 8, voltage=i / 3) for i in range(count)]
+    store.write_batch(WriteBatch(samples=rows))
+    assert store.samples("ems_001", since=None, until=None, limit=10_000) == rows
+
+
+def test_sqlite_chunks_within_a_low_limit_on_bound_variables(tmp_path: Path) -> None:
+    # Builds before SQLite 3.32 allow 999 variables; the chunk must shrink to fit any limit.
+    store = SqliteStore(tmp_path / "ems.db")
+    store.open()
+    try:
+        assert store._conn is not None
+        store._conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 10)  # two rows
+        rows = [sample("ems_001", seq=i + 1, ts=T0 + i, voltage=float(i)) for i in range(7)]
+        store.write_batch(WriteBatch(samples=[*rows, rows[3]]))  # and a duplicate
+        assert store.samples("ems_001", since=None, until=None, limit=100) == rows
+    finally:
+        store.close()
 
 
 def test_data_json_round_trips_exactly(store: Store) -> None:
