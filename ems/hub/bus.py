@@ -75,6 +75,7 @@ class LocalBus:
     ok = True
     reason: str | None = None
     hub_id = "local"
+    dropped = 0
 
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
@@ -160,6 +161,9 @@ class RedisBus:
         self.ok = False
         self.reason: str | None = "connecting to Redis"
         self.dropped = 0
+        self._lost: dict[tuple[str, str | None], int] = {}
+        """Dashboard updates this hub could not relay, per (device, owner), that the others have
+        not been told about yet: their dashboards get them as `lagged` (protocol.md §2)."""
         self.remote: dict[str, dict[str, Any]] = {}
         """device_id -> presence entry of a device connected to another hub."""
         self.hubs: dict[str, dict[str, Any]] = {}
@@ -216,7 +220,7 @@ class RedisBus:
 
     def fan(self, device_id: str, owner: str | None, kind: int, payload: bytes) -> None:
         if not self.ok:  # per sample: don't build what `_put` would drop
-            self.dropped += 1
+            self._lose(device_id, owner, 1)
             return
         self._put(("msg", ["fan", device_id, owner, kind, payload.decode()]))
 
@@ -244,12 +248,36 @@ class RedisBus:
     def _put(self, item: tuple[str, Any]) -> None:
         if not self.ok and item[0] != "flush":
             # Nobody to tell while Redis is away; presence is rewritten on reconnecting.
-            self.dropped += 1
+            self._drop([item])
             return
         try:
             self._out_send.send_nowait(item)
         except trio.WouldBlock:
-            self.dropped += 1
+            self._drop([item])
+
+    def _lose(self, device_id: str, owner: str | None, count: int) -> None:
+        self.dropped += count
+        self._remember_lost(device_id, owner, count)
+
+    def _remember_lost(self, device_id: str, owner: str | None, count: int) -> None:
+        key = (device_id, owner)
+        self._lost[key] = self._lost.get(key, 0) + count
+
+    def _drop(self, items: list[tuple[str, Any]]) -> None:
+        """Outgoing items that will not reach Redis: dashboard updates (and reports of them)
+        are remembered as lost, to be reported once it is back; the rest is counted."""
+        for kind, item in items:
+            if kind == "op":
+                self.dropped += 1
+            elif kind != "msg":
+                continue  # `flush`: nothing was sent in it
+            elif item[0] == "fan":
+                self._lose(item[1], item[2], 1)
+            elif item[0] == "lost":
+                for device_id, owner, count in item[1]:  # counted when they were lost
+                    self._remember_lost(device_id, owner, count)
+            else:
+                self.dropped += 1
 
     # --- health --------------------------------------------------------------------------------
 
@@ -334,13 +362,20 @@ class RedisBus:
                 except trio.WouldBlock:
                     break
             flush = any(kind == "flush" for kind, _ in batch)
+            if self._lost:
+                # First what the others' dashboards missed, so it arrives before what follows
+                # (with the first batch after an outage: pub/sub keeps nothing for a hub that
+                # is not subscribed yet, and this hub cannot tell when the others are).
+                report = [[d, o, n] for (d, o), n in self._lost.items()]
+                self._lost = {}
+                batch.insert(0, ("msg", ["lost", report]))
             if not self.ok:
-                self.dropped += len(batch)
+                self._drop(batch)
             else:
                 try:
                     await self._run_sync(self._publisher_limiter, self._send_batch, batch)
                 except (redis.RedisError, OSError) as exc:
-                    self.dropped += len(batch)
+                    self._drop(batch)
                     self._mark_down(exc)
             if flush:
                 self._flushed.set()
@@ -432,6 +467,12 @@ class RedisBus:
             hub.fanout.publish_local(
                 device_id, info.owner if info is not None else owner, update_kind, payload.encode()
             )
+        elif kind == "lost":
+            for device_id, owner, count in item[1]:
+                info = hub.devices.get(device_id)
+                hub.fanout.missed_local(
+                    device_id, info.owner if info is not None else owner, int(count)
+                )
         elif kind == "claim":
             hub.remote_claim(item[1], item[2])
         elif kind == "on":

@@ -64,6 +64,13 @@ class DashboardQueue:
         self.dropped_pending += 1
         self.dropped_total += 1
 
+    def missed(self, count: int) -> None:
+        """Updates for this dashboard that were lost before they reached its queue (another
+        hub could not relay them): told in the next frame's `lagged`, as a drop here is."""
+        self.dropped_pending += count
+        self.dropped_total += count
+        self._wakeup.set()
+
     async def wait(self) -> None:
         """Until something is queued."""
         while not self._items and not self.dropped_pending:
@@ -196,6 +203,11 @@ class FanOut:
         for subscriber in targets:
             subscriber.queue.put(kind, payload)
         return len(targets)
+
+    def missed_local(self, device_id: str, owner: str | None, count: int) -> None:
+        """This hub's subscribers of `device_id` missed `count` updates (see `missed`)."""
+        for subscriber in self.targets(device_id, owner) or ():
+            subscriber.queue.missed(count)
 
     def publish_to(self, subscribers: Iterable[Subscriber], kind: int, payload: bytes) -> None:
         for subscriber in subscribers:

@@ -52,6 +52,12 @@ class HubCollector(Collector):
         yield CounterMetricFamily(
             "ems_dashboard_dropped", "Telemetry updates dropped for slow dashboards", value=dropped
         )
+        yield CounterMetricFamily(
+            "ems_bus_dropped",
+            "Messages for the other hubs dropped (Redis away or the outgoing queue full); their "
+            "dashboards are sent `lagged` for the updates among them once Redis is back",
+            value=hub.bus.dropped,
+        )
         yield GaugeMetricFamily(
             "ems_store_batch_seconds",
             "Duration of the last store transaction",

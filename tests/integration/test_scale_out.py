@@ -303,8 +303,15 @@ async def test_redis_lost_and_back(cluster: Cluster) -> None:
         await watch_a.event("bus_up")
         await watch_b.event("bus_up")
         await send_json(ws, telemetry(4, 4000, soc=4))
+        # The dashboard on B missed seqs 2 and 3 (A could not relay them): it is told so, in
+        # order, before what comes next.
+        with trio.fail_after(HANG_GUARD_S):
+            missed = await next_of(remote, "lagged", "telemetry_update")
+        assert missed == {"type": "lagged", "dropped": 2}
         await update_for(remote, "telemetry_update", "d1", seq=4)
         await acked(ws, 4)
+        metrics = (await call(a.request, "GET", "/metrics", token="")).text
+        assert "ems_bus_dropped_total 2.0" in metrics, metrics
         health = (await call(b.request, "GET", "/health", token="")).json()
         assert health["status"] == "ok"
         assert health["connected_devices"] == 1
