@@ -971,6 +971,8 @@ class Bench:
     create_s: float = 0.0
     services: contextlib.ExitStack = attrs.field(init=False, factory=contextlib.ExitStack)
     database_url: str | None = None
+    keep_for_failure: bool = False
+    """Set when the run failed its check: the hub's logs and data stay for a look."""
 
     def __attrs_post_init__(self) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="ems-bench-"))
@@ -1047,7 +1049,9 @@ class Bench:
 
     def remove_data(self) -> None:
         self.services.close()
-        if not self.args.hub and not self.args.keep_data:
+        if self.keep_for_failure and not self.args.hub:
+            print(f"the run failed its check: hub logs and data kept in {self.workdir}")
+        elif not self.args.hub and not self.args.keep_data:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
@@ -1148,6 +1152,7 @@ async def steady(args: argparse.Namespace) -> dict[str, Any]:
                 ),
             }
         )
+        bench.keep_for_failure = failed(result)
         return result
     finally:
         bench.close()
@@ -1323,6 +1328,7 @@ async def reconnect_storm(args: argparse.Namespace) -> dict[str, Any]:
                 **check,
             }
         )
+        bench.keep_for_failure = failed(result)
         return result
     finally:
         bench.close()

@@ -54,6 +54,8 @@ PUBLISH_BATCH_MAX = 2_000
 RECEIVE_WAIT_S = 0.2
 """How long one trip of the subscriber thread waits for a message (bounds shutdown delay)."""
 RECEIVE_BATCH_MAX = 500
+LOSS_LOG_S = 10.0
+"""At most one `bus_updates_lost` warning this often (a sustained overload loses every batch)."""
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 5.0
 
@@ -164,6 +166,7 @@ class RedisBus:
         self._lost: dict[tuple[str, str | None], int] = {}
         """Dashboard updates this hub could not relay, per (device, owner), that the others have
         not been told about yet: their dashboards get them as `lagged` (protocol.md §2)."""
+        self._loss_logged_at = float("-inf")
         self.remote: dict[str, dict[str, Any]] = {}
         """device_id -> presence entry of a device connected to another hub."""
         self.hubs: dict[str, dict[str, Any]] = {}
@@ -256,6 +259,10 @@ class RedisBus:
             self._drop([item])
 
     def _lose(self, device_id: str, owner: str | None, count: int) -> None:
+        if not self._lost and trio.current_time() >= self._loss_logged_at + LOSS_LOG_S:
+            self._loss_logged_at = trio.current_time()
+            reason = self.reason if not self.ok else "outgoing queue full"
+            log.warning("bus_updates_lost", hub_id=self.hub_id, reason=reason, total=self.dropped)
         self.dropped += count
         self._remember_lost(device_id, owner, count)
 

@@ -293,10 +293,12 @@ async def test_redis_lost_and_back(cluster: Cluster) -> None:
             assert health["bus"] == "down"
             assert "redis" in health["reason"]
         # Hub A keeps serving its own device and dashboard: stored, acked, fanned out.
+        watch_lost = LoggedOn.now(a)
         for seq in (2, 3):
             await send_json(ws, telemetry(seq, seq * 1000, soc=seq))
             await update_for(local, "telemetry_update", "d1", seq=seq)
         await acked(ws, 3)
+        assert "redis unreachable" in await watch_lost.event("bus_updates_lost")
 
         watch_a, watch_b = LoggedOn.now(a), LoggedOn.now(b)
         cluster.redis.start()
