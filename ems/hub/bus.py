@@ -54,6 +54,13 @@ PUBLISH_BATCH_MAX = 2_000
 RECEIVE_WAIT_S = 0.2
 """How long one trip of the subscriber thread waits for a message (bounds shutdown delay)."""
 RECEIVE_BATCH_MAX = 500
+COMMAND_TIMEOUT_S = 5.0
+"""A Redis command (publish, beat, presence) that takes longer marks the bus down."""
+SUBSCRIBER_TIMEOUT_S = 30.0
+"""The subscription's socket timeout. Longer than the commands': whatever is published while it
+reconnects is lost to this hub for good (pub/sub keeps nothing), and a Redis slowed down by a
+saturated machine stalled its reads past 5 s in two-worker runs. A Redis that is really
+gone is still noticed within the commands' timeout by the beat, which stops the subscriber."""
 LOSS_LOG_S = 10.0
 """At most one `bus_updates_lost` warning this often (a sustained overload loses every batch)."""
 BACKOFF_START_S = 0.5
@@ -179,6 +186,7 @@ class RedisBus:
         )
         self._healthy = trio.Event()
         self._client: Any = None
+        self._subscriber_client: Any = None
         self._publisher_limiter = trio.CapacityLimiter(1)
         self._subscriber_limiter = trio.CapacityLimiter(1)
         self._beat_limiter = trio.CapacityLimiter(1)
@@ -191,7 +199,16 @@ class RedisBus:
         import redis
 
         self._client = redis.Redis.from_url(
-            self.url, socket_timeout=5, socket_connect_timeout=3, health_check_interval=0
+            self.url,
+            socket_timeout=COMMAND_TIMEOUT_S,
+            socket_connect_timeout=3,
+            health_check_interval=0,
+        )
+        self._subscriber_client = redis.Redis.from_url(
+            self.url,
+            socket_timeout=SUBSCRIBER_TIMEOUT_S,
+            socket_connect_timeout=3,
+            health_check_interval=0,
         )
         try:
             async with trio.open_nursery() as nursery:
@@ -204,6 +221,7 @@ class RedisBus:
                 log.info("bus_started", hub_id=self.hub_id)
         finally:
             self._client.close()
+            self._subscriber_client.close()
 
     async def aclose(self) -> None:
         """Say goodbye (the others forget our devices now), flush, then stop."""
@@ -288,10 +306,10 @@ class RedisBus:
 
     # --- health --------------------------------------------------------------------------------
 
-    def _mark_down(self, exc: BaseException) -> None:
+    def _mark_down(self, exc: BaseException, where: str) -> None:
         reason = f"redis unreachable: {type(exc).__name__}: {exc}"[:300]
         if self.ok or self.reason != reason:
-            log.warning("bus_down", hub_id=self.hub_id, reason=reason)
+            log.warning("bus_down", hub_id=self.hub_id, reason=reason, task=where)
         self.ok = False
         self.reason = reason
         if self._healthy.is_set():
@@ -311,7 +329,7 @@ class RedisBus:
 
         backoff = BACKOFF_START_S
         while True:
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._subscriber_client.pubsub(ignore_subscribe_messages=True)
             try:
                 await self._run_sync(self._subscriber_limiter, pubsub.subscribe, CHANNEL)
                 await self._resync()
@@ -322,7 +340,7 @@ class RedisBus:
                     for raw in batch:
                         self._dispatch(raw)
             except (redis.RedisError, OSError) as exc:
-                self._mark_down(exc)
+                self._mark_down(exc, "subscriber")
             finally:
                 with trio.CancelScope(shield=True):
                     await self._run_sync(self._subscriber_limiter, _close_quietly, pubsub)
@@ -383,7 +401,7 @@ class RedisBus:
                     await self._run_sync(self._publisher_limiter, self._send_batch, batch)
                 except (redis.RedisError, OSError) as exc:
                     self._drop(batch)
-                    self._mark_down(exc)
+                    self._mark_down(exc, "publisher")
             if flush:
                 self._flushed.set()
 
@@ -429,7 +447,7 @@ class RedisBus:
             try:
                 hubs = await self._run_sync(self._beat_limiter, self._beat_trip, info, entries)
             except (redis.RedisError, OSError) as exc:
-                self._mark_down(exc)
+                self._mark_down(exc, "beat")
                 continue
             self.hubs = hubs
             # Devices of a hub that vanished without saying goodbye (killed) are offline now.
@@ -546,7 +564,7 @@ class RedisBus:
                     complete=True,
                 )
             except (redis.RedisError, OSError) as exc:
-                self._mark_down(exc)
+                self._mark_down(exc, "cluster view")
         return ClusterView(hubs=[mine], devices=local_devices, complete=False)
 
     async def _run_sync(self, limiter: trio.CapacityLimiter, fn: Callable[..., Any], *args: Any):
