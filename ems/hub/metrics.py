@@ -55,7 +55,7 @@ class HubCollector(Collector):
         yield CounterMetricFamily(
             "ems_bus_dropped",
             "Messages for the other hubs dropped (Redis away or the outgoing queue full); their "
-            "dashboards are sent `lagged` for the updates among them once Redis is back",
+            "dashboards get `lagged` for the updates among them with the next relayed message",
             value=hub.bus.dropped,
         )
         yield GaugeMetricFamily(
