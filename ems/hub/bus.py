@@ -488,16 +488,12 @@ class RedisBus:
         kind = item[0]
         if kind == "fan":
             _, device_id, owner, update_kind, payload = item
-            info = hub.devices.get(device_id)
             hub.fanout.publish_local(
-                device_id, info.owner if info is not None else owner, update_kind, payload.encode()
+                device_id, self._owner(device_id, owner), update_kind, payload.encode()
             )
         elif kind == "lost":
             for device_id, owner, count in item[1]:
-                info = hub.devices.get(device_id)
-                hub.fanout.missed_local(
-                    device_id, info.owner if info is not None else owner, int(count)
-                )
+                hub.fanout.missed_local(device_id, self._owner(device_id, owner), int(count))
         elif kind == "claim":
             hub.remote_claim(item[1], item[2])
         elif kind == "on":
@@ -531,6 +527,11 @@ class RedisBus:
             hub.forget_session_hash(item[1]["h"])
         else:
             log.warning("bus_unknown_message", hub_id=self.hub_id, kind=str(kind)[:40])
+
+    def _owner(self, device_id: str, sent: str | None) -> str | None:
+        """The device's owner as this hub knows it (the sender's word if it does not)."""
+        info = self.hub.devices.get(device_id)
+        return info.owner if info is not None else sent
 
     def _later(self, job: Callable[[], Awaitable[None]]) -> None:
         """Store work asked for by another hub, done in order by the worker task."""

@@ -854,7 +854,7 @@ async def test_stored_last_seen_is_written_first_then_coalesced_and_caught_up_at
         # Within 10 s of the first write: not rewritten per message; the hub's memory is exact.
         assert stored_last_seen(hub, device_id) == first
         latest = await rest_last_seen(hub, device_id)
-        assert latest >= first
+        assert latest > first  # moved on in memory: the check above could tell a rewrite
     # The link ends: the stored value catches up (committed by the time the hub has stopped).
     await call(hub.stop)
     assert stored_last_seen(hub, device_id) == latest
